@@ -1,0 +1,37 @@
+"""reslora_kernels: fused ResLoRA (residual LoRA) training, merging and export for PyTorch."""
+
+from .chain import ChainOrderError, ResLoRAChain, link_chain
+from .config import MODES, ResLoRAConfig
+from .functional import reslora_linear, resolve_backend
+from .layer import FusedResLoRALinear
+from .merging import MERGE_METHODS
+from .model import (
+    ResLoRASummary,
+    apply_reslora,
+    chain_key,
+    load_reslora,
+    merge_and_unload,
+    reslora_summary,
+    save_reslora,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MODES",
+    "MERGE_METHODS",
+    "ResLoRAConfig",
+    "FusedResLoRALinear",
+    "ResLoRAChain",
+    "ChainOrderError",
+    "link_chain",
+    "apply_reslora",
+    "chain_key",
+    "reslora_summary",
+    "ResLoRASummary",
+    "merge_and_unload",
+    "save_reslora",
+    "load_reslora",
+    "reslora_linear",
+    "resolve_backend",
+]

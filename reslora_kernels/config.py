@@ -1,0 +1,125 @@
+"""ResLoRA settings: the config dataclass and the one validator every entry point uses."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+#: Residual-shortcut modes, named as in the paper (DESIGN.md section 2).
+#: ``none`` is plain LoRA, ``is`` input-shortcut, ``bs`` block-shortcut, ``ms`` middle-shortcut.
+MODES = ("none", "is", "bs", "ms")
+
+#: Modes whose blocks need their predecessors (is, bs, ms) and are therefore linked into chains.
+LINKED_MODES = ("is", "bs", "ms")
+
+
+def validate_settings(
+    *, rank: Any, alpha: Any, dropout: Any, mode: Any, pre_num: Any, norm_window: Any
+) -> None:
+    """Raise a ValueError/TypeError naming the first bad ResLoRA setting."""
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank must be an int, got {type(rank).__name__}")
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(map(repr, MODES))}")
+    if isinstance(pre_num, bool) or not isinstance(pre_num, int):
+        raise TypeError(f"pre_num must be an int, got {type(pre_num).__name__}")
+    # pre_num only means something for the modes that sum over previous blocks.
+    if mode in ("bs", "ms") and (pre_num == 0 or pre_num < -1):
+        raise ValueError(
+            f"pre_num must be >= 1 (that many previous blocks) or -1 (all previous blocks) "
+            f"for mode {mode!r}, got {pre_num}"
+        )
+    if isinstance(norm_window, bool) or not isinstance(norm_window, int) or norm_window < 1:
+        raise ValueError(f"norm_window must be an int >= 1, got {norm_window!r}")
+
+
+@dataclass
+class ResLoRAConfig:
+    """How :func:`reslora_kernels.apply_reslora` puts ResLoRA into a model.
+
+    Args:
+        mode: ``"none"`` (plain LoRA), ``"is"`` (input-shortcut), ``"bs"`` (block-shortcut) or
+            ``"ms"`` (middle-shortcut); see DESIGN.md section 2 or the README for the formulas.
+        rank: LoRA rank ``r``.
+        alpha: LoRA alpha; the LoRA branch is scaled by ``alpha / rank``.
+        dropout: dropout probability on the LoRA input (identity in eval mode).
+        pre_num: for ``bs`` and ``ms``, how many previous blocks a block sums over;
+            ``-1`` means all of them. Ignored by ``none`` and ``is``.
+        target_modules: which ``nn.Linear`` modules to replace. A list/tuple of names matches a
+            module whose full name equals an entry or ends with ``"." + entry`` (``"q_proj"``
+            matches ``model.layers.3.self_attn.q_proj``); a single string is a regular
+            expression that must match the full module name.
+        norm_window: how many recent training forwards the input-norm statistics average over
+            (used by the ``input_norm`` merge).
+    """
+
+    mode: str = "is"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    pre_num: int = 1
+    target_modules: str | Sequence[str] | None = None
+    norm_window: int = 100
+
+    def __post_init__(self) -> None:
+        validate_settings(
+            rank=self.rank,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            mode=self.mode,
+            pre_num=self.pre_num,
+            norm_window=self.norm_window,
+        )
+        targets = self.target_modules
+        if targets is None:
+            return
+        if isinstance(targets, str):
+            try:
+                re.compile(targets)
+            except re.error as err:
+                raise ValueError(f"target_modules {targets!r} is not a valid regex: {err}") from None
+            return
+        targets = tuple(targets)
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ValueError(f"target_modules must be a regex string or a non-empty list of names, got {self.target_modules!r}")
+        self.target_modules = list(targets)
+
+    def matches(self, module_name: str) -> bool:
+        """Whether ``module_name`` (a full dotted name) is a target."""
+        targets = self.target_modules
+        if targets is None:
+            raise ValueError("ResLoRAConfig.target_modules is not set")
+        if isinstance(targets, str):
+            return re.fullmatch(targets, module_name) is not None
+        return any(module_name == t or module_name.endswith("." + t) for t in targets)
+
+    def layer_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`FusedResLoRALinear` this config sets."""
+        return {
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "dropout": self.dropout,
+            "mode": self.mode,
+            "pre_num": self.pre_num,
+            "norm_window": self.norm_window,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ResLoRAConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ResLoRAConfig fields: {unknown}")
+        return cls(**data)

@@ -1,0 +1,163 @@
+"""The functional ResLoRA op: input checks, the backend switch, and dispatch.
+
+``RESLORA_BACKEND`` (read at every call) picks the implementation:
+
+* ``auto`` (default): CUDA tensors run the fused Triton kernels, everything else the reference;
+* ``torch``: always the pure-PyTorch reference;
+* ``triton``: always the Triton kernels. On CPU tensors this needs ``TRITON_INTERPRET=1`` set
+  before ``reslora_kernels`` is imported; otherwise it raises instead of falling back.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import reference
+
+__all__ = ["BACKEND_ENV", "BACKENDS", "resolve_backend", "check_inputs", "draw_dropout_seed", "reslora_linear"]
+
+BACKEND_ENV = "RESLORA_BACKEND"
+BACKENDS = ("auto", "torch", "triton")
+
+# The dtypes the Triton kernels implement; the reference also takes float64.
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _triton_import_error() -> Exception | None:
+    try:
+        from . import autograd  # noqa: F401  (imports triton and the kernels)
+    except ImportError as err:
+        return err
+    return None
+
+
+def resolve_backend(x: torch.Tensor) -> str:
+    """``"torch"`` or ``"triton"``: which implementation runs for input ``x``."""
+    choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if choice not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={choice!r} is not one of {', '.join(BACKENDS)}")
+    if choice == "torch":
+        return "torch"
+    if choice == "auto":
+        if x.device.type == "cuda" and x.dtype in TRITON_DTYPES and _triton_import_error() is None:
+            return "triton"
+        return "torch"
+    # choice == "triton": never fall back silently.
+    err = _triton_import_error()
+    if err is not None:
+        raise RuntimeError(f"{BACKEND_ENV}=triton but the Triton kernels cannot be imported: {err}") from err
+    if x.dtype not in TRITON_DTYPES:
+        raise TypeError(f"{BACKEND_ENV}=triton supports float16, bfloat16 and float32 inputs, got {x.dtype}")
+    if x.device.type == "cuda":
+        return "triton"
+    if x.device.type == "cpu":
+        from .ops import INTERPRETED
+
+        if not INTERPRETED:
+            raise RuntimeError(
+                f"{BACKEND_ENV}=triton on CPU tensors runs Triton's interpreter: set TRITON_INTERPRET=1 "
+                "before importing reslora_kernels (or use a CUDA device, or RESLORA_BACKEND=torch)"
+            )
+        return "triton"
+    raise RuntimeError(f"{BACKEND_ENV}=triton cannot run on {x.device.type} tensors")
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"{tuple(t.shape)} {t.dtype} on {t.device}"
+
+
+def check_inputs(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    *,
+    x_prev: torch.Tensor | None = None,
+    z_prev: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> None:
+    """Raise a clear error for inconsistent shapes, dtypes or devices, before any compute."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got {_describe(weight)}")
+    out_features, in_features = weight.shape
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"input last dim must be in_features={in_features}, got input {_describe(x)}")
+    if lora_A.dim() != 2 or lora_A.shape[1] != in_features:
+        raise ValueError(f"lora_A must be [rank, in_features={in_features}], got {_describe(lora_A)}")
+    rank = lora_A.shape[0]
+    if lora_B.dim() != 2 or lora_B.shape != (out_features, rank):
+        raise ValueError(f"lora_B must be [out_features={out_features}, rank={rank}], got {_describe(lora_B)}")
+    if bias is not None and bias.shape != (out_features,):
+        raise ValueError(f"bias must be [out_features={out_features}], got {_describe(bias)}")
+    named = {"weight": weight, "lora_A": lora_A, "lora_B": lora_B}
+    if bias is not None:
+        named["bias"] = bias
+    if x_prev is not None:
+        if x_prev.shape != x.shape:
+            raise ValueError(f"x_prev must have the input's shape {tuple(x.shape)}, got {_describe(x_prev)}")
+        named["x_prev"] = x_prev
+    if z_prev is not None:
+        expected = (*x.shape[:-1], rank)
+        if tuple(z_prev.shape) != expected:
+            raise ValueError(f"z_prev must be {expected} (input's leading dims, rank), got {_describe(z_prev)}")
+        named["z_prev"] = z_prev
+    if not x.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got {x.dtype}")
+    for name, t in named.items():
+        if t.dtype != x.dtype:
+            raise TypeError(f"dtype mismatch: input is {x.dtype} but {name} is {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"device mismatch: input is on {x.device} but {name} is on {t.device}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def draw_dropout_seed() -> int:
+    """A fresh dropout seed from torch's CPU generator (so ``torch.manual_seed`` makes it
+    repeatable); reading a CPU tensor never waits for the GPU."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def reslora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    *,
+    x_prev: torch.Tensor | None = None,
+    z_prev: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+    compute_x_sqnorm: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One ResLoRA block on the backend ``RESLORA_BACKEND`` selects::
+
+        z = drop(x [+ x_prev]) A^T;   y = x W^T + b + s * (z [+ z_prev]) B^T
+
+    Returns ``(y, z, x_sqnorm)``; see :func:`reslora_kernels.reference.reslora_linear`.
+    """
+    check_inputs(x, weight, bias, lora_A, lora_B, x_prev=x_prev, z_prev=z_prev, dropout_p=dropout_p)
+    if dropout_p > 0.0 and dropout_seed is None:
+        dropout_seed = draw_dropout_seed()
+    if resolve_backend(x) == "torch":
+        impl = reference.reslora_linear
+    else:
+        from .autograd import fused_reslora_linear as impl
+    return impl(
+        x,
+        weight,
+        bias,
+        lora_A,
+        lora_B,
+        float(scaling),
+        x_prev=x_prev,
+        z_prev=z_prev,
+        dropout_p=float(dropout_p),
+        dropout_seed=dropout_seed,
+        compute_x_sqnorm=compute_x_sqnorm,
+    )

@@ -1,0 +1,181 @@
+"""FusedResLoRALinear: a drop-in ``nn.Linear`` carrying a ResLoRA block."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from . import functional, reference
+from .chain import ResLoRAChain
+from .config import validate_settings
+
+__all__ = ["FusedResLoRALinear"]
+
+
+class FusedResLoRALinear(nn.Linear):
+    """``nn.Linear`` with a frozen base weight and a trainable ResLoRA block.
+
+    ``y = x W^T + b + s * (drop(x [+ x_prev]) A^T [+ z_prev]) B^T`` with ``s = alpha / rank``;
+    the shortcut terms come from the block's predecessors in its :class:`ResLoRAChain` (see
+    DESIGN.md section 2). A block that is not linked behaves as the first block of a chain.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as for ``nn.Linear``.
+        rank: LoRA rank ``r`` (>= 1).
+        alpha: LoRA alpha; ``scaling = alpha / rank``.
+        dropout: dropout probability on the LoRA input, training mode only.
+        mode: ``"none"``, ``"is"``, ``"bs"`` or ``"ms"``.
+        pre_num: previous blocks summed over by ``bs``/``ms`` (``-1``: all).
+        norm_window: training forwards averaged by the input-norm merge statistics.
+
+    ``weight`` and ``bias`` are frozen; ``lora_A`` ``[rank, in]`` (kaiming-uniform) and ``lora_B``
+    ``[out, rank]`` (zeros) are trained, in the weight's dtype. Inputs must match the weight's
+    dtype and device; any number of leading dimensions is accepted.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        mode: str = "none",
+        pre_num: int = 1,
+        norm_window: int = 100,
+    ) -> None:
+        factory = {"device": device, "dtype": dtype}
+        weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
+        bias_param = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self._setup(weight, bias_param, rank, alpha, dropout, mode, pre_num, norm_window)
+        self.reset_parameters()
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        mode: str = "none",
+        pre_num: int = 1,
+        norm_window: int = 100,
+    ) -> "FusedResLoRALinear":
+        """Wrap ``linear``: its ``weight`` and ``bias`` Parameters are reused (not copied) and frozen."""
+        if not isinstance(linear, nn.Linear) or isinstance(linear, FusedResLoRALinear):
+            raise TypeError(f"from_linear needs a plain nn.Linear, got {type(linear).__name__}")
+        layer = cls.__new__(cls)
+        layer._setup(linear.weight, linear.bias, rank, alpha, dropout, mode, pre_num, norm_window)
+        layer.reset_lora_parameters()
+        return layer
+
+    def _setup(self, weight, bias, rank, alpha, dropout, mode, pre_num, norm_window) -> None:
+        validate_settings(rank=rank, alpha=alpha, dropout=dropout, mode=mode, pre_num=pre_num, norm_window=norm_window)
+        # nn.Linear.__init__ would allocate a weight we may not want (from_linear reuses one).
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = weight.shape
+        weight.requires_grad_(False)
+        self.weight = weight
+        if bias is not None:
+            bias.requires_grad_(False)
+        self.bias = bias
+        self.rank = rank
+        self.alpha = alpha
+        self.scaling = alpha / rank
+        self.dropout = float(dropout)
+        self.mode = mode
+        self.pre_num = pre_num
+        self.norm_window = norm_window
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty((rank, self.in_features), **factory))
+        self.lora_B = nn.Parameter(torch.empty((self.out_features, rank), **factory))
+        if mode in ("is", "ms"):
+            # Ring buffer of ||x||^2 (is) or ||z||^2 (ms) per training forward, kept on the device
+            # so that recording never waits for the GPU; read only when merging.
+            self.register_buffer("norm_sq_window", torch.zeros(norm_window, device=weight.device, dtype=torch.float32))
+            self.register_buffer("norm_count", torch.zeros((), device=weight.device, dtype=torch.int64))
+        ResLoRAChain([self])
+
+    # ------------------------------------------------------------------ parameters
+    def reset_parameters(self) -> None:
+        """Re-initialise the base weight and bias as ``nn.Linear`` does, and the LoRA block."""
+        super().reset_parameters()
+        self.reset_lora_parameters()
+
+    @torch.no_grad()
+    def reset_lora_parameters(self) -> None:
+        """``lora_A`` kaiming-uniform (a = sqrt(5)), ``lora_B`` zeros: the block starts as identity."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    @property
+    def chain(self) -> ResLoRAChain:
+        """The chain this block belongs to (its own one-block chain when not linked)."""
+        return self._chain
+
+    @property
+    def chain_index(self) -> int:
+        """Position ``n`` of this block in its chain."""
+        return self._chain_index
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Fail on a bad input before the chain's stash is touched.
+        functional.check_inputs(x, self.weight, self.bias, self.lora_A, self.lora_B)
+        x_prev, z_prev, lora_A, lora_B = self._chain.shortcut_inputs(self, x)
+        train_dropout = self.training and self.dropout > 0.0
+        record = self.training and self.mode in ("is", "ms")
+        y, z, x_sqnorm = functional.reslora_linear(
+            x,
+            self.weight,
+            self.bias,
+            lora_A,
+            lora_B,
+            self.scaling,
+            x_prev=x_prev,
+            z_prev=z_prev,
+            dropout_p=self.dropout if train_dropout else 0.0,
+            compute_x_sqnorm=record and self.mode == "is",
+        )
+        self._chain.after_forward(self, x, z)
+        if record:
+            if self.mode == "ms":
+                x_sqnorm = reference.squared_norm(z)
+            self._record_norm(x_sqnorm)
+        return y
+
+    @torch.no_grad()
+    def _record_norm(self, sqnorm: torch.Tensor) -> None:
+        # Device-side slot arithmetic: no .item(), so a CUDA forward never waits for the host.
+        slot = torch.remainder(self.norm_count, self.norm_window).view(1)
+        self.norm_sq_window.index_copy_(0, slot, sqnorm.view(1).to(self.norm_sq_window.dtype))
+        self.norm_count.add_(1)
+
+    def recorded_norm_mean(self) -> float:
+        """Mean Frobenius norm of the block's input (is) or down-projection ``z`` (ms) over the
+        last ``norm_window`` training forwards; zero norms are skipped as in the authors' code,
+        and 0.0 means nothing was recorded. Reads the device (merge time only)."""
+        if self.mode not in ("is", "ms"):
+            raise ValueError(f"mode {self.mode!r} records no norm statistics")
+        filled = min(int(self.norm_count), self.norm_window)
+        norms = self.norm_sq_window[:filled].double().sqrt()
+        norms = norms[norms > 0]
+        return float(norms.mean()) if norms.numel() else 0.0
+
+    def extra_repr(self) -> str:
+        text = (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"rank={self.rank}, alpha={self.alpha}, dropout={self.dropout}, mode={self.mode!r}"
+        )
+        if self.mode in ("bs", "ms"):
+            text += f", pre_num={self.pre_num}"
+        if len(self._chain) > 1:
+            text += f", chain={self._chain.name!r}[{self._chain_index}/{len(self._chain)}]"
+        return text

@@ -1,0 +1,85 @@
+"""Pure-PyTorch ResLoRA ops: the oracle every fused kernel is tested against, and the CPU path.
+
+Each function here has the same signature as its fast counterpart (``reslora_kernels.ops`` and
+``reslora_kernels.autograd``) and reads as the formula of DESIGN.md section 2. Gradients come
+from PyTorch's autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["dropout_keep_mask", "squared_norm", "reslora_linear", "fold_lora_"]
+
+
+def squared_norm(t: torch.Tensor) -> torch.Tensor:
+    """``||t||_F^2`` as a float32 scalar, accumulated in at least float32, without autograd."""
+    acc = torch.promote_types(t.dtype, torch.float32)
+    return torch.linalg.vector_norm(t.detach(), dtype=acc).square().float()
+
+
+def dropout_keep_mask(
+    shape: torch.Size | tuple[int, ...], p: float, seed: int, device: torch.device | str
+) -> torch.Tensor:
+    """Boolean keep-mask (``True`` with probability ``1 - p``) drawn from a generator seeded
+    with ``seed``, so the same seed gives the same mask on the same device.
+
+    The fused kernels draw their masks from Triton's Philox stream instead: a seed names the same
+    mask within one backend, not across backends.
+    """
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return torch.rand(shape, generator=generator, device=device) >= p
+
+
+def reslora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    *,
+    x_prev: torch.Tensor | None = None,
+    z_prev: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+    compute_x_sqnorm: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One ResLoRA block, every mode in one formula::
+
+        z = drop(x [+ x_prev]) A^T                 # [..., r]
+        y = x W^T + b + s * (z [+ z_prev]) B^T      # [..., out]
+
+    ``none`` passes neither shortcut; ``is`` passes ``x_prev`` (the previous block's input, or
+    ``x`` itself for the first block); ``bs`` passes the concatenated ``A``/``B`` of the block and
+    its predecessors; ``ms`` passes ``z_prev``, the sum of the previous blocks' ``z``.
+
+    Returns ``(y, z, x_sqnorm)`` where ``x_sqnorm`` is ``||x||_F^2`` in float32 (for the merge
+    statistics) when ``compute_x_sqnorm`` is set, else ``None``.
+    """
+    lora_in = x if x_prev is None else x + x_prev
+    if dropout_p > 0.0:
+        if dropout_seed is None:
+            raise ValueError("dropout_p > 0 needs a dropout_seed")
+        keep = dropout_keep_mask(lora_in.shape, dropout_p, dropout_seed, lora_in.device)
+        lora_in = lora_in * keep / (1.0 - dropout_p)
+    z = lora_in @ lora_A.t()
+    u = z if z_prev is None else z + z_prev
+    y = F.linear(x, weight, bias) + scaling * (u @ lora_B.t())
+    x_sqnorm = squared_norm(x) if compute_x_sqnorm else None
+    return y, z, x_sqnorm
+
+
+@torch.no_grad()
+def fold_lora_(weight: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tensor, coef: float) -> torch.Tensor:
+    """In place ``W += coef * B A`` with the product accumulated in (at least) float32; ``W``
+    keeps its dtype.
+
+    ``lora_B`` is ``[out, r]`` and ``lora_A`` is ``[r, in]``; block-shortcut merges pass the
+    concatenated ranks of several blocks in one call.
+    """
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    update = torch.addmm(weight.to(acc), lora_B.to(acc), lora_A.to(acc), alpha=coef)
+    return weight.copy_(update)

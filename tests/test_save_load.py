@@ -1,0 +1,89 @@
+"""save_reslora / load_reslora round trips, bit-exact, and their errors."""
+
+import json
+
+import pytest
+import torch
+
+from reslora_kernels import (FusedResLoRALinear, ResLoRAConfig, apply_reslora, link_chain, load_reslora,
+                             save_reslora)
+from reslora_kernels.model import CONFIG_NAME, WEIGHTS_NAME
+from test_model import LLAMA_TARGETS, randomize_adapters, tiny_llama
+from toy import ToyStack
+
+
+def reslora_state(model):
+    return {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in
+            ("lora_A", "lora_B", "norm_sq_window", "norm_count")}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_llama_round_trip_is_bit_exact(tmp_path, dtype):
+    torch.manual_seed(1)
+    model = tiny_llama(dtype)
+    torch.manual_seed(1)
+    fresh = tiny_llama(dtype)  # the same base weights, no adapter
+    config = ResLoRAConfig(mode="ms", rank=4, alpha=8, pre_num=2, target_modules=LLAMA_TARGETS, norm_window=5)
+    apply_reslora(model, config)
+    randomize_adapters(model)
+    model.train()
+    ids = torch.randint(0, 64, (2, 6))
+    for _ in range(3):  # fill the merge statistics
+        model(ids)
+    save_reslora(model, tmp_path)
+    assert (tmp_path / CONFIG_NAME).is_file() and (tmp_path / WEIGHTS_NAME).is_file()
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["config"] == config.to_dict()
+
+    load_reslora(fresh, tmp_path)
+    assert fresh.reslora_config == config
+    saved, loaded = reslora_state(model), reslora_state(fresh)
+    assert saved.keys() == loaded.keys() and len(saved) == 4 * 21
+    for key in saved:
+        assert saved[key].dtype == loaded[key].dtype and torch.equal(saved[key], loaded[key]), key
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, fresh(ids).logits)
+    assert fresh.model.layers[2].self_attn.q_proj.chain.name == "model.layers.*.self_attn.q_proj"
+
+
+def test_load_into_hand_built_layers(tmp_path):
+    model = ToyStack(3, 6, "is")
+    save_reslora(model, tmp_path)
+    other = ToyStack(3, 6, "is")
+    load_reslora(other, tmp_path)
+    for a, b in zip(model.blocks, other.blocks):
+        assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B)
+    unlinked = ToyStack(3, 6, "is")
+    unlinked.blocks[0].chain.unlink()
+    with pytest.raises(ValueError, match="chains differ"):
+        load_reslora(unlinked, tmp_path)
+    with pytest.raises(ValueError, match="saved from layers built by hand"):
+        load_reslora(torch.nn.Sequential(torch.nn.Linear(6, 6)), tmp_path)
+
+
+def test_load_errors(tmp_path):
+    model = ToyStack(2, 6, "bs", rank=4)
+    save_reslora(model, tmp_path)
+    with pytest.raises(ValueError, match=r"blocks.0 has settings .*'rank': 2.* but the adapter has .*'rank': 4"):
+        load_reslora(ToyStack(2, 6, "bs", rank=2), tmp_path)
+    bigger = ToyStack(3, 6, "bs", rank=4)
+    with pytest.raises(ValueError, match=r"missing in the model \[\], not in the adapter \['blocks.2'\]"):
+        load_reslora(bigger, tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not hold"):
+        load_reslora(model, tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="no ResLoRA layers to save"):
+        save_reslora(torch.nn.Linear(2, 2), tmp_path / "empty")
+
+
+def test_hand_linked_chain_round_trip(tmp_path):
+    layers = [FusedResLoRALinear(4, 4, mode="ms", pre_num=-1) for _ in range(3)]
+    holder = torch.nn.ModuleList(layers)
+    link_chain(layers, name="mine")
+    for layer in layers:
+        torch.nn.init.normal_(layer.lora_B)
+    save_reslora(holder, tmp_path)
+    fresh_layers = [FusedResLoRALinear(4, 4, mode="ms", pre_num=-1) for _ in range(3)]
+    fresh = torch.nn.ModuleList(fresh_layers)
+    link_chain(fresh_layers, name="mine")
+    load_reslora(fresh, tmp_path)
+    assert all(torch.equal(a.lora_B, b.lora_B) for a, b in zip(layers, fresh_layers))
