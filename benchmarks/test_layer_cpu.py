@@ -4,8 +4,8 @@ path in each mode, in chain context (a real predecessor)."""
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import DEVICE
+
 from reslora_kernels import FusedResLoRALinear, link_chain
 
 pytestmark = pytest.mark.skipif(DEVICE != "cpu", reason="the CPU suite; GPUs run the GPU suite")

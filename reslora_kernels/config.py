@@ -16,9 +16,7 @@ MODES = ("none", "is", "bs", "ms")
 LINKED_MODES = ("is", "bs", "ms")
 
 
-def validate_settings(
-    *, rank: Any, alpha: Any, dropout: Any, mode: Any, pre_num: Any, norm_window: Any
-) -> None:
+def validate_settings(*, rank: Any, alpha: Any, dropout: Any, mode: Any, pre_num: Any, norm_window: Any) -> None:
     """Raise a ValueError/TypeError naming the first bad ResLoRA setting."""
     if isinstance(rank, bool) or not isinstance(rank, int):
         raise TypeError(f"rank must be an int, got {type(rank).__name__}")
@@ -90,7 +88,9 @@ class ResLoRAConfig:
             return
         targets = tuple(targets)
         if not targets or not all(isinstance(t, str) and t for t in targets):
-            raise ValueError(f"target_modules must be a regex string or a non-empty list of names, got {self.target_modules!r}")
+            raise ValueError(
+                f"target_modules must be a regex string or a non-empty list of names, got {self.target_modules!r}"
+            )
         self.target_modules = list(targets)
 
     def matches(self, module_name: str) -> bool:

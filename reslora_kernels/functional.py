@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -25,6 +26,7 @@ BACKENDS = ("auto", "torch", "triton")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+@functools.lru_cache(maxsize=None)
 def _triton_import_error() -> Exception | None:
     try:
         from . import autograd  # noqa: F401  (imports triton and the kernels)

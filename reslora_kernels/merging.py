@@ -80,7 +80,11 @@ def input_norm_coefficients(chain: "ResLoRAChain") -> list[float]:
 def weight_norm_coefficients(chain: "ResLoRAChain") -> list[float]:
     """``a_n = f_{n-2} / f_{n-1}`` with ``f_j = ||W_j + s B_j A_j||_F``, ``a_n = 1`` for n < 2."""
     norms = [
-        float(torch.linalg.matrix_norm(torch.addmm(b.weight.double(), b.lora_B.double(), b.lora_A.double(), alpha=b.scaling)))
+        float(
+            torch.linalg.matrix_norm(
+                torch.addmm(b.weight.double(), b.lora_B.double(), b.lora_A.double(), alpha=b.scaling)
+            )
+        )
         for b in chain
     ]
     return [1.0 if n < 2 else _ratio(norms[n - 2], norms[n - 1]) for n in range(len(chain))]

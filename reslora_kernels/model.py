@@ -78,7 +78,9 @@ def apply_reslora(model: nn.Module, config: ResLoRAConfig) -> nn.Module:
     if any(isinstance(mod, FusedResLoRALinear) for mod in model.modules()):
         raise ValueError("the model already has ResLoRA layers; merge_and_unload it first or load into it")
     if isinstance(model, nn.Linear):
-        raise TypeError("apply_reslora replaces submodules; wrap a single nn.Linear with FusedResLoRALinear.from_linear")
+        raise TypeError(
+            "apply_reslora replaces submodules; wrap a single nn.Linear with FusedResLoRALinear.from_linear"
+        )
 
     # remove_duplicate=False: a Linear reachable under two names must be replaced under both.
     targets: dict[int, list[str]] = {}
@@ -88,7 +90,8 @@ def apply_reslora(model: nn.Module, config: ResLoRAConfig) -> nn.Module:
             if isinstance(mod, nn.modules.linear.NonDynamicallyQuantizableLinear):
                 raise ValueError(
                     f"{name} is the output projection of an nn.MultiheadAttention, which reads its weight "
-                    "directly and never calls its forward: a LoRA there would be ignored. Exclude it from target_modules"
+                    "directly and never calls its forward: a LoRA there would be ignored. "
+                    "Exclude it from target_modules"
                 )
             targets.setdefault(id(mod), []).append(name)
             modules[id(mod)] = mod
@@ -116,8 +119,9 @@ def apply_reslora(model: nn.Module, config: ResLoRAConfig) -> nn.Module:
                 prev_layer, cur_layer = prev[1], cur[1]
                 if (cur_layer.in_features, cur_layer.out_features) != (prev_layer.in_features, prev_layer.out_features):
                     warnings.warn(
-                        f"ResLoRA: {cur[0]} ({cur_layer.in_features}->{cur_layer.out_features}) differs in shape from "
-                        f"{prev[0]} ({prev_layer.in_features}->{prev_layer.out_features}); a new chain starts at {cur[0]}",
+                        f"ResLoRA: {cur[0]} ({cur_layer.in_features}->{cur_layer.out_features}) differs in shape "
+                        f"from {prev[0]} ({prev_layer.in_features}->{prev_layer.out_features}); "
+                        f"a new chain starts at {cur[0]}",
                         stacklevel=2,
                     )
                     runs.append([])
@@ -309,7 +313,9 @@ def load_reslora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise FileNotFoundError(f"{src} does not hold {CONFIG_NAME} and {WEIGHTS_NAME}")
     meta = json.loads((src / CONFIG_NAME).read_text())
     if meta.get("format_version") != _FORMAT_VERSION:
-        raise ValueError(f"{src / CONFIG_NAME} has format_version {meta.get('format_version')!r}, expected {_FORMAT_VERSION}")
+        raise ValueError(
+            f"{src / CONFIG_NAME} has format_version {meta.get('format_version')!r}, expected {_FORMAT_VERSION}"
+        )
     if not _named_blocks(model):
         if meta["config"] is None:
             raise ValueError(
@@ -321,7 +327,9 @@ def load_reslora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     have = {name for name, _ in blocks}
     missing, unexpected = sorted(set(saved) - have), sorted(have - set(saved))
     if missing or unexpected:
-        raise ValueError(f"ResLoRA blocks differ from {src}: missing in the model {missing}, not in the adapter {unexpected}")
+        raise ValueError(
+            f"ResLoRA blocks differ from {src}: missing in the model {missing}, not in the adapter {unexpected}"
+        )
     for name, layer in blocks:
         if _block_record(name, layer) != saved[name]:
             raise ValueError(f"{name} has settings {_block_record(name, layer)} but the adapter has {saved[name]}")

@@ -5,11 +5,11 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import rel_err
 from oracle import depth, merged_weight
-from reslora_kernels import FusedResLoRALinear, ResLoRAConfig, apply_reslora, merge_and_unload
 from toy import ToyStack, oracle_params
+
+from reslora_kernels import FusedResLoRALinear, ResLoRAConfig, apply_reslora, merge_and_unload
 
 
 def no_reslora_left(model):
@@ -39,8 +39,10 @@ def test_exact_merge_reproduces_outputs(mode, pre_num):
 def train_forwards(model, steps, features, window_inputs):
     """Training forwards with inputs of varied scale; records each block's input per step."""
     model.train()
-    hooks = [b.register_forward_pre_hook(lambda mod, args, n=n: window_inputs[n].append(args[0].detach().clone()))
-             for n, b in enumerate(model.blocks)]
+    hooks = [
+        b.register_forward_pre_hook(lambda mod, args, n=n: window_inputs[n].append(args[0].detach().clone()))
+        for n, b in enumerate(model.blocks)
+    ]
     for step in range(steps):
         model(torch.randn(3, features, dtype=torch.float64) * (0.5 + step % 4))
     for hook in hooks:
@@ -91,7 +93,9 @@ def test_auto_picks_input_norm_for_is_and_warns_without_statistics():
     model = ToyStack(3, 8, "is")
     params = oracle_params(model)
     scaling = model.blocks[0].scaling
-    with pytest.warns(UserWarning, match="no training forward recorded norm statistics for blocks.0, blocks.1, blocks.2"):
+    with pytest.warns(
+        UserWarning, match="no training forward recorded norm statistics for blocks.0, blocks.1, blocks.2"
+    ):
         merge_and_unload(model)
     # No statistics: every ratio falls back to 1, so a_n = 1 for all n.
     for n, block in enumerate(model.blocks):

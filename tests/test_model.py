@@ -7,9 +7,9 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import rel_err
 from oracle import block_output
+
 from reslora_kernels import FusedResLoRALinear, ResLoRAConfig, apply_reslora, reslora_summary
 
 transformers = pytest.importorskip("transformers")
@@ -17,8 +17,13 @@ transformers = pytest.importorskip("transformers")
 
 def tiny_llama(dtype=torch.float64, layers=3):
     config = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     config._attn_implementation = "eager"
     return transformers.LlamaForCausalLM(config).to(dtype).eval()
@@ -26,8 +31,14 @@ def tiny_llama(dtype=torch.float64, layers=3):
 
 def tiny_bert(dtype=torch.float64, layers=3):
     config = transformers.BertConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=64,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        max_position_embeddings=64,
     )
     config._attn_implementation = "eager"
     return transformers.BertModel(config).to(dtype).eval()
@@ -54,7 +65,7 @@ def oracle_model(base, model, config):
         if isinstance(mod, FusedResLoRALinear):
             groups.setdefault(re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", name), []).append((name, mod))
     leaves = {}
-    for key, members in groups.items():
+    for members in groups.values():
         params = []
         for name, mod in members:
             A = mod.lora_A.detach().clone().requires_grad_()
@@ -64,13 +75,16 @@ def oracle_model(base, model, config):
             params.append((linear.weight, linear.bias, A, B))
         state = {"xs": [], "zs": []}
         for n, (name, _) in enumerate(members):
+
             def hook(mod, args, out, n=n, params=params, state=state):
                 if n == 0:
                     state["xs"].clear()
                     state["zs"].clear()
                 state["xs"].append(args[0])
-                return block_output(n, state["xs"], params, config.alpha / config.rank, config.mode,
-                                    config.pre_num, zs=state["zs"])
+                return block_output(
+                    n, state["xs"], params, config.alpha / config.rank, config.mode, config.pre_num, zs=state["zs"]
+                )
+
             base.get_submodule(name).register_forward_hook(hook)
     return leaves
 
@@ -121,8 +135,11 @@ def test_apply_reslora_on_llama_replaces_links_and_freezes():
     summary = reslora_summary(model)
     assert len(summary.replaced) == 3 * 7
     assert summary.replaced[0] == "model.layers.0.self_attn.q_proj"
-    assert set(summary.chains) == {f"model.layers.*.{part}.{t}" for t in LLAMA_TARGETS
-                                   for part in ["self_attn" if t.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"]}
+    assert set(summary.chains) == {
+        f"model.layers.*.{part}.{t}"
+        for t in LLAMA_TARGETS
+        for part in ["self_attn" if t.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"]
+    }
     assert summary.chains["model.layers.*.self_attn.q_proj"] == [f"model.layers.{i}.self_attn.q_proj" for i in range(3)]
     lora = sum(m.lora_A.numel() + m.lora_B.numel() for m in model.modules() if isinstance(m, FusedResLoRALinear))
     assert summary.trainable_params == lora
@@ -137,8 +154,11 @@ def test_bert_chains_follow_each_position():
     model = tiny_bert()
     apply_reslora(model, ResLoRAConfig(mode="bs", target_modules=["dense"]))
     chains = reslora_summary(model).chains
-    assert set(chains) == {"encoder.layer.*.attention.output.dense", "encoder.layer.*.intermediate.dense",
-                           "encoder.layer.*.output.dense"}
+    assert set(chains) == {
+        "encoder.layer.*.attention.output.dense",
+        "encoder.layer.*.intermediate.dense",
+        "encoder.layer.*.output.dense",
+    }
     assert chains["encoder.layer.*.output.dense"] == [f"encoder.layer.{i}.output.dense" for i in range(3)]
     assert isinstance(model.pooler.dense, FusedResLoRALinear)  # replaced, a chain of its own
 
@@ -146,8 +166,9 @@ def test_bert_chains_follow_each_position():
 class Stack(nn.Module):
     def __init__(self, shapes):
         super().__init__()
-        self.layers = nn.ModuleList(nn.ModuleDict({"proj": nn.Linear(i, o), "other": nn.Linear(o, o)})
-                                    for i, o in shapes)
+        self.layers = nn.ModuleList(
+            nn.ModuleDict({"proj": nn.Linear(i, o), "other": nn.Linear(o, o)}) for i, o in shapes
+        )
 
 
 def test_shape_change_starts_a_new_chain_with_a_warning():
@@ -175,8 +196,11 @@ def test_regex_targets_and_no_linking_for_plain_lora():
 
 def test_apply_reslora_errors():
     model = Stack([(8, 8)])
-    with pytest.raises(ValueError, match=r"no nn.Linear in the model matches target_modules=\['q_proj'\]; "
-                                         r"its nn.Linear modules are: layers.\*.proj, layers.\*.other"):
+    with pytest.raises(
+        ValueError,
+        match=r"no nn.Linear in the model matches target_modules=\['q_proj'\]; "
+        r"its nn.Linear modules are: layers.\*.proj, layers.\*.other",
+    ):
         apply_reslora(model, ResLoRAConfig(target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="target_modules is not set; the model's nn.Linear modules are: layers"):
         apply_reslora(model, ResLoRAConfig())

@@ -12,12 +12,13 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_readme_usage_example_runs(tmp_path, monkeypatch):
     text = README.read_text()
-    usage = text[text.index("## Usage"):]
+    usage = text[text.index("## Usage") :]
     code = re.search(r"```python\n(.*?)```", usage, re.S).group(1)
     monkeypatch.chdir(tmp_path)
     namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)
     import torch.nn as nn
+
     from reslora_kernels import FusedResLoRALinear
 
     model = namespace["model"]

@@ -4,17 +4,19 @@ import json
 
 import pytest
 import torch
-
-from reslora_kernels import (FusedResLoRALinear, ResLoRAConfig, apply_reslora, link_chain, load_reslora,
-                             save_reslora)
-from reslora_kernels.model import CONFIG_NAME, WEIGHTS_NAME
 from test_model import LLAMA_TARGETS, randomize_adapters, tiny_llama
 from toy import ToyStack
 
+from reslora_kernels import FusedResLoRALinear, ResLoRAConfig, apply_reslora, link_chain, load_reslora, save_reslora
+from reslora_kernels.model import CONFIG_NAME, WEIGHTS_NAME
+
 
 def reslora_state(model):
-    return {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in
-            ("lora_A", "lora_B", "norm_sq_window", "norm_count")}
+    return {
+        k: v
+        for k, v in model.state_dict().items()
+        if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "norm_sq_window", "norm_count")
+    }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

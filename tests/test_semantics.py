@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-
 from conftest import rel_err
 from oracle import toy_stack
-from reslora_kernels import MODES, reference
 from toy import SeedRecorder, ToyStack, oracle_params
+
+from reslora_kernels import MODES, reference
 
 FEATURES = 12
 

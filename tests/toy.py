@@ -12,12 +12,35 @@ from reslora_kernels import FusedResLoRALinear, link_chain
 
 
 class ToyStack(nn.Module):
-    def __init__(self, length, features, mode, pre_num=1, rank=4, alpha=8.0, dropout=0.0, bias=True,
-                 dtype=torch.float64, device="cpu", norm_window=100):
+    def __init__(
+        self,
+        length,
+        features,
+        mode,
+        pre_num=1,
+        rank=4,
+        alpha=8.0,
+        dropout=0.0,
+        bias=True,
+        dtype=torch.float64,
+        device="cpu",
+        norm_window=100,
+    ):
         super().__init__()
         self.blocks = nn.ModuleList(
-            FusedResLoRALinear(features, features, bias=bias, dtype=dtype, device=device, rank=rank, alpha=alpha,
-                               dropout=dropout, mode=mode, pre_num=pre_num, norm_window=norm_window)
+            FusedResLoRALinear(
+                features,
+                features,
+                bias=bias,
+                dtype=dtype,
+                device=device,
+                rank=rank,
+                alpha=alpha,
+                dropout=dropout,
+                mode=mode,
+                pre_num=pre_num,
+                norm_window=norm_window,
+            )
             for _ in range(length)
         )
         with torch.no_grad():
@@ -42,12 +65,14 @@ def oracle_params(model: ToyStack):
     params = []
     for block in model.blocks:
         bias = None if block.bias is None else block.bias.detach().double().clone()
-        params.append((
-            block.weight.detach().double().clone(),
-            bias,
-            block.lora_A.detach().double().clone().requires_grad_(),
-            block.lora_B.detach().double().clone().requires_grad_(),
-        ))
+        params.append(
+            (
+                block.weight.detach().double().clone(),
+                bias,
+                block.lora_A.detach().double().clone().requires_grad_(),
+                block.lora_B.detach().double().clone().requires_grad_(),
+            )
+        )
     return params
 
 
