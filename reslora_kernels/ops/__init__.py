@@ -1,0 +1,26 @@
+"""Fused Triton kernels, one op per file: the ``@triton.jit`` kernels and the launcher that checks
+its inputs, flattens to 2-D, allocates and picks the grid. Nothing model-level lives here; the
+autograd Function composing these ops is ``reslora_kernels.autograd``.
+
+Tensor names follow DESIGN.md: ``x [M, K]`` the block input, ``x_prev`` the previous block's input
+(input-shortcut), ``weight [N, K]``, ``lora_A [R, K]``, ``lora_B [N, R]``, ``u [M, R]`` the rank-space
+activation multiplied by ``lora_B``, ``grad_out [M, N]``.
+"""
+
+from ._common import INTERPRETED
+from .dropout import dropout_keep_mask
+from .linear_lora_dx import linear_lora_dx
+from .linear_lora_fwd import linear_lora_fwd
+from .lora_down import lora_down
+from .lora_grad_A import lora_grad_A
+from .lora_grad_out import lora_grad_out
+
+__all__ = [
+    "INTERPRETED",
+    "dropout_keep_mask",
+    "lora_down",
+    "linear_lora_fwd",
+    "lora_grad_out",
+    "linear_lora_dx",
+    "lora_grad_A",
+]

@@ -1,0 +1,147 @@
+"""Both LoRA gradients that read ``grad_out``, from one read of it:
+``g = s * grad_out B`` (the gradient of ``u``) and ``dB = s * grad_out^T u``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRETED, check_2d, check_same, deterministic, dot_precision, pick, rank_block
+
+
+def _configs():
+    return pick(
+        [
+            triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bn, w, s in [(64, 4, 4), (128, 4, 3), (128, 8, 3), (256, 8, 3)]
+        ],
+        [triton.Config({"BLOCK_N": 32})],
+    )
+
+
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "R"], reset_to_zero=["db_ptr"])
+@triton.jit
+def _lora_grad_out_kernel(
+    grad_out_ptr,
+    b_ptr,
+    u_ptr,
+    g_ptr,
+    db_ptr,
+    M,
+    N,
+    R,
+    M_BUCKET,
+    stride_om,
+    stride_on,
+    stride_bn,
+    stride_br,
+    stride_um,
+    stride_ur,
+    stride_gm,
+    stride_gr,
+    scaling,
+    DETERMINISTIC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """Rows [BLOCK_M] x ranks [BLOCK_R]; loops over N. g is complete per program; dB gets this
+    program's [N, BLOCK_R] share, added atomically into db_ptr [N, R] (or written to the slice
+    pid_m of db_ptr [num_m, N, R] when DETERMINISTIC)."""
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = offs_m.to(tl.int64)
+    row_ok = offs_m < M
+    rank_ok = offs_r < R
+    u = tl.load(
+        u_ptr + rows[:, None] * stride_um + offs_r[None, :] * stride_ur,
+        mask=row_ok[:, None] & rank_ok[None, :],
+        other=0.0,
+    )
+    g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    if DETERMINISTIC:
+        db_ptr += pid_m.to(tl.int64) * N * R
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < N
+        grad_out = tl.load(
+            grad_out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on,
+            mask=row_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+            mask=col_ok[:, None] & rank_ok[None, :],
+            other=0.0,
+        )  # [BLOCK_N, BLOCK_R]
+        g = tl.dot(grad_out, b, g, input_precision=DOT_PRECISION)
+        db = tl.dot(tl.trans(grad_out), u, input_precision=DOT_PRECISION) * scaling  # [BLOCK_N, BLOCK_R]
+        db_ptrs = db_ptr + offs_n[:, None] * R + offs_r[None, :]
+        db_mask = col_ok[:, None] & rank_ok[None, :]
+        if DETERMINISTIC:
+            tl.store(db_ptrs, db, mask=db_mask)
+        else:
+            tl.atomic_add(db_ptrs, db, mask=db_mask)
+    tl.store(
+        g_ptr + rows[:, None] * stride_gm + offs_r[None, :] * stride_gr,
+        g * scaling,
+        mask=row_ok[:, None] & rank_ok[None, :],
+    )
+
+
+def lora_grad_out(
+    grad_out: torch.Tensor, lora_B: torch.Tensor, u: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(g, dB)`` = ``(scaling * grad_out @ lora_B, scaling * grad_out^T @ u)`` for 2-D
+    ``grad_out [M, N]``, ``u [M, R]``; ``g`` in float32 (it feeds two more products), ``dB`` in
+    ``lora_B``'s dtype."""
+    M, N = grad_out.shape
+    R = u.shape[1]
+    check_2d("lora_B", lora_B, N, R)
+    check_2d("u", u, M, R)
+    check_same(grad_out, lora_B=lora_B, u=u)
+    g = torch.empty((M, R), device=grad_out.device, dtype=torch.float32)
+    if M == 0:
+        return g, torch.zeros_like(lora_B)
+    # BLOCK_M is the launcher's choice, not the tuner's: the deterministic partials depend on it.
+    block_m = 32 if INTERPRETED else 64
+    num_m = triton.cdiv(M, block_m)
+    block_r = rank_block(R)
+    det = deterministic()
+    db = torch.zeros((num_m, N, R) if det else (N, R), device=grad_out.device, dtype=torch.float32)
+
+    def grid(meta):
+        return (num_m, triton.cdiv(R, block_r))
+
+    _lora_grad_out_kernel[grid](
+        grad_out,
+        lora_B,
+        u,
+        g,
+        db,
+        M,
+        N,
+        R,
+        triton.next_power_of_2(M),
+        grad_out.stride(0),
+        grad_out.stride(1),
+        lora_B.stride(0),
+        lora_B.stride(1),
+        u.stride(0),
+        u.stride(1),
+        g.stride(0),
+        g.stride(1),
+        float(scaling),
+        DETERMINISTIC=det,
+        DOT_PRECISION=dot_precision(grad_out.dtype),
+        BLOCK_M=block_m,
+        BLOCK_R=block_r,
+    )
+    if det:
+        db = db.sum(0)
+    return g, db.to(lora_B.dtype)

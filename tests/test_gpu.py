@@ -1,0 +1,71 @@
+"""The fused path on a CUDA device at realistic sizes, in bfloat16, float16 and float32.
+
+Marked ``gpu`` and skipped without CUDA; tests/test_fused.py checks the same behaviour on the
+Triton interpreter. A run on a GPU writes a log (GPU, versions, commit, outcomes) to
+``$RESLORA_GPU_LOG_DIR`` (default tests/gpu_logs/), see conftest.py.
+"""
+
+import pytest
+import torch
+from conftest import assert_lowp_close
+from oracle import toy_stack
+from toy import ToyStack, oracle_params
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+M, FEATURES, RANK = 4096, 4096, 16
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("RESLORA_BACKEND", "triton")
+
+
+def run_oracle(params, x0, scaling, mode, pre_num, probes, dtype):
+    cast = [
+        tuple(None if t is None else t.detach().to(dtype).requires_grad_(i >= 2) for i, t in enumerate(ps))
+        for ps in params
+    ]
+    x = x0.detach().to(dtype).requires_grad_()
+    ys = toy_stack(x, cast, scaling, mode, pre_num)
+    sum((y * w.to(dtype)).sum() for y, w in zip(ys, probes)).backward()
+    return ys, cast, x.grad
+
+
+@pytest.mark.parametrize("mode", ["none", "is", "bs", "ms"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_realistic_size_against_float64(triton_backend, dtype, mode):
+    model = ToyStack(2, FEATURES, mode, pre_num=1, rank=RANK, alpha=32, dtype=dtype, device="cuda")
+    with torch.no_grad():
+        for block in model.blocks:  # keep activations O(1) through the stack
+            block.weight.normal_(0.0, FEATURES**-0.5)
+            block.lora_B.normal_(0.0, 0.02)
+    params = oracle_params(model)
+    x0 = torch.randn(M, FEATURES, device="cuda", dtype=dtype, requires_grad=True)
+    ys = model(x0)
+    probes = [torch.randn_like(y) for y in ys]
+    sum((y * w).sum() for y, w in zip(ys, probes)).backward()
+    scaling = model.blocks[0].scaling
+    ys64, p64, gx64 = run_oracle(params, x0, scaling, mode, 1, probes, torch.float64)
+    ysl, pl, gxl = run_oracle(params, x0, scaling, mode, 1, probes, dtype)
+    for n, block in enumerate(model.blocks):
+        assert_lowp_close(ys[n], ys64[n], ysl[n], f"y_{n}")
+        assert_lowp_close(block.lora_A.grad, p64[n][2].grad, pl[n][2].grad, f"dA_{n}")
+        assert_lowp_close(block.lora_B.grad, p64[n][3].grad, pl[n][3].grad, f"dB_{n}")
+    assert_lowp_close(x0.grad, gx64, gxl, "dx")
+
+
+@pytest.mark.parametrize("mode", ["is", "ms"])
+def test_training_step_never_syncs(triton_backend, mode):
+    """Forward (with dropout and the norm statistics) and backward launch without the host ever
+    waiting for the GPU."""
+    model = ToyStack(3, 1024, mode, rank=RANK, dropout=0.1, dtype=torch.bfloat16, device="cuda").train()
+    x = torch.randn(2048, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    model(x)[-1].sum().backward()  # compile and autotune outside the guarded region
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model(x)[-1].sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(model.blocks[0].norm_count) == 2

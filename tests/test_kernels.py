@@ -1,0 +1,196 @@
+"""Every Triton op alone against a float64 formula, on odd shapes, with NaN-poisoned outputs.
+
+On a CPU machine these run through Triton's interpreter (float32, float16); on a GPU the same
+tests run the compiled kernels and add bfloat16.
+"""
+
+import contextlib
+
+import pytest
+import torch
+from conftest import KERNEL_DEVICE, KERNEL_DTYPES, assert_lowp_close, rel_err
+
+pytest.importorskip("triton")
+from reslora_kernels import ops  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("poison_empty")
+
+# (M, K, N, R): no dimension a multiple of any block; ranks 1..16 and multi-tile ranks 80, 130.
+SHAPES = [
+    (1, 24, 40, 1),
+    (17, 40, 72, 8),
+    (70, 72, 24, 16),
+    (17, 24, 24, 16),
+    (70, 40, 40, 1),
+    (33, 24, 40, 80),
+    (9, 40, 24, 130),
+]
+DROPOUT = [0.0, 0.3]
+
+
+def rand(*shape, dtype, scale=1.0):
+    return (torch.randn(*shape, device=KERNEL_DEVICE, dtype=torch.float64) * scale).to(dtype)
+
+
+def strided(t):
+    """The same values as a non-contiguous view (every other column of a wider buffer)."""
+    wide = torch.empty(t.shape[0], 2 * t.shape[1], device=t.device, dtype=t.dtype)
+    wide[:, ::2] = t
+    return wide[:, ::2]
+
+
+def keep(shape, p, seed):
+    if p == 0.0:
+        return torch.ones(shape, device=KERNEL_DEVICE, dtype=torch.bool)
+    return ops.dropout_keep_mask(shape, p, seed, KERNEL_DEVICE)
+
+
+@contextlib.contextmanager
+def deterministic(on):
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def lora_input(x, x_prev, input_scale, mask, p):
+    lora_in = x if x_prev is None else x + x_prev
+    return lora_in * input_scale * mask / (1 - p)
+
+
+@pytest.mark.parametrize("p", DROPOUT)
+@pytest.mark.parametrize("shortcut", ["none", "x_prev", "self"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_lora_down(dtype, shape, shortcut, p):
+    M, K, _, R = shape
+    x, A = rand(M, K, dtype=dtype), rand(R, K, dtype=dtype, scale=0.2)
+    x_prev = rand(M, K, dtype=dtype) if shortcut == "x_prev" else None
+    input_scale = 2.0 if shortcut == "self" else 1.0
+    z, sqnorm = ops.lora_down(
+        x, A, x_prev, input_scale=input_scale, dropout_p=p, dropout_seed=11, compute_x_sqnorm=True
+    )
+    mask = keep((M, K), p, 11)
+
+    def formula(dt):
+        cast = lambda t: None if t is None else t.to(dt)
+        return lora_input(cast(x), cast(x_prev), input_scale, mask, p) @ cast(A).T
+
+    assert z.dtype == dtype and z.shape == (M, R)
+    assert_lowp_close(z, formula(torch.float64), formula(dtype), "z")
+    assert rel_err(sqnorm, x.double().square().sum()) < 1e-5
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_linear_lora_fwd(dtype, shape, bias):
+    M, K, N, R = shape
+    x, W = rand(M, K, dtype=dtype), rand(N, K, dtype=dtype, scale=0.2)
+    b = rand(N, dtype=dtype) if bias else None
+    u, B = rand(M, R, dtype=dtype), rand(N, R, dtype=dtype, scale=0.2)
+    y = ops.linear_lora_fwd(strided(x), W, b, u, B, 1.5)
+
+    def formula(dt):
+        out = x.to(dt) @ W.to(dt).T + 1.5 * (u.to(dt) @ B.to(dt).T)
+        return out + b.to(dt) if bias else out
+
+    assert_lowp_close(y, formula(torch.float64), formula(dtype), "y")
+
+
+@pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_lora_grad_out(dtype, shape, det):
+    M, _, N, R = shape
+    grad_out, B, u = rand(M, N, dtype=dtype), rand(N, R, dtype=dtype, scale=0.2), rand(M, R, dtype=dtype)
+    with deterministic(det):
+        g, dB = ops.lora_grad_out(strided(grad_out), B, u, 0.5)
+    assert g.dtype == torch.float32 and dB.dtype == dtype
+    assert_lowp_close(g, 0.5 * grad_out.double() @ B.double(), (0.5 * grad_out @ B), "g")
+    assert_lowp_close(dB, 0.5 * grad_out.double().T @ u.double(), (0.5 * grad_out.T @ u), "dB")
+
+
+@pytest.mark.parametrize("p", DROPOUT)
+@pytest.mark.parametrize("input_scale", [1.0, 2.0])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_linear_lora_dx(dtype, shape, input_scale, p):
+    M, K, N, R = shape
+    grad_out, W = rand(M, N, dtype=dtype), rand(N, K, dtype=dtype, scale=0.2)
+    g, A = rand(M, R, dtype=torch.float32), rand(R, K, dtype=dtype, scale=0.2)
+    dx, dx_prev = ops.linear_lora_dx(
+        grad_out, W, g, A, input_scale=input_scale, dropout_p=p, dropout_seed=3, store_prev=True
+    )
+    mask = keep((M, K), p, 3)
+
+    def v(dt):
+        return (g.to(dt) @ A.to(dt)) * input_scale * mask / (1 - p)
+
+    assert_lowp_close(dx_prev, v(torch.float64), v(dtype), "dx_prev")
+    dx_ref = grad_out.double() @ W.double() + v(torch.float64)
+    assert_lowp_close(dx, dx_ref, grad_out @ W + v(dtype), "dx")
+    dx_only, none = ops.linear_lora_dx(grad_out, W, g, A, input_scale=input_scale, dropout_p=p, dropout_seed=3)
+    assert none is None and torch.equal(dx_only, dx)
+
+
+@pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("p", DROPOUT)
+@pytest.mark.parametrize("has_prev", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_lora_grad_A(dtype, shape, has_prev, p, det):
+    M, K, _, R = shape
+    g, x = rand(M, R, dtype=torch.float32), rand(M, K, dtype=dtype)
+    x_prev = rand(M, K, dtype=dtype) if has_prev else None
+    with deterministic(det):
+        dA = ops.lora_grad_A(g, strided(x), x_prev, input_scale=1.0, dropout_p=p, dropout_seed=5)
+    mask = keep((M, K), p, 5)
+
+    def formula(dt):
+        cast = lambda t: None if t is None else t.to(dt)
+        return g.to(dt).T @ lora_input(cast(x), cast(x_prev), 1.0, mask, p)
+
+    assert dA.dtype == dtype
+    assert_lowp_close(dA, formula(torch.float64), formula(dtype), "dA")
+
+
+def test_empty_batch():
+    x = torch.empty(0, 24, device=KERNEL_DEVICE)
+    A, W, B = rand(4, 24, dtype=torch.float32), rand(8, 24, dtype=torch.float32), rand(8, 4, dtype=torch.float32)
+    z, sq = ops.lora_down(x, A, compute_x_sqnorm=True)
+    assert z.shape == (0, 4) and float(sq) == 0.0
+    assert ops.linear_lora_fwd(x, W, None, z, B, 1.0).shape == (0, 8)
+    g, dB = ops.lora_grad_out(torch.empty(0, 8, device=KERNEL_DEVICE), B, z, 1.0)
+    assert g.shape == (0, 4) and torch.equal(dB, torch.zeros_like(B))
+    dx, _ = ops.linear_lora_dx(torch.empty(0, 8, device=KERNEL_DEVICE), W, g, A)
+    assert dx.shape == (0, 24)
+    assert torch.equal(ops.lora_grad_A(g, x), torch.zeros_like(A))
+
+
+def test_dropout_mask_statistics_and_determinism():
+    p = 0.25
+    mask = ops.dropout_keep_mask((64, 96), p, 42, KERNEL_DEVICE)
+    assert mask.dtype == torch.bool and mask.shape == (64, 96)
+    n = mask.numel()
+    assert abs(int((~mask).sum()) - n * p) < 6 * (n * p * (1 - p)) ** 0.5
+    assert torch.equal(mask, ops.dropout_keep_mask((64, 96), p, 42, KERNEL_DEVICE))
+    assert not torch.equal(mask, ops.dropout_keep_mask((64, 96), p, 43, KERNEL_DEVICE))
+    # Rows and columns are not correlated: the mask is not a shifted copy of itself.
+    assert not torch.equal(mask[1:], mask[:-1]) and not torch.equal(mask[:, 1:], mask[:, :-1])
+    # Leading dims flatten into rows, as the kernels see them.
+    assert torch.equal(ops.dropout_keep_mask((4, 16, 96), p, 42, KERNEL_DEVICE).reshape(64, 96), mask)
+
+
+def test_launcher_errors():
+    x = rand(8, 16, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"lora_A must be \[4, 16\]"):
+        ops.lora_down(x, rand(4, 15, dtype=torch.float32))
+    with pytest.raises(TypeError, match="dtype mismatch: lora_A is torch.float16"):
+        ops.lora_down(x, rand(4, 16, dtype=torch.float16))
+    with pytest.raises(TypeError, match="support float16, bfloat16 and float32"):
+        ops.lora_down(x.double(), rand(4, 16, dtype=torch.float64))
+    with pytest.raises(TypeError, match="g must be float32"):
+        ops.lora_grad_A(rand(8, 4, dtype=torch.float16), x)
