@@ -2,7 +2,8 @@
 
 from .chain import ChainOrderError, ResLoRAChain, link_chain
 from .config import MODES, ResLoRAConfig
-from .functional import reslora_linear, resolve_backend
+from .export import export_peft_adapter
+from .functional import fold_lora_, fold_report, reslora_linear, resolve_backend
 from .layer import FusedResLoRALinear
 from .merging import MERGE_METHODS
 from .model import (
@@ -11,6 +12,7 @@ from .model import (
     chain_key,
     load_reslora,
     merge_and_unload,
+    merge_report,
     reslora_summary,
     save_reslora,
 )
@@ -30,6 +32,10 @@ __all__ = [
     "reslora_summary",
     "ResLoRASummary",
     "merge_and_unload",
+    "merge_report",
+    "export_peft_adapter",
+    "fold_lora_",
+    "fold_report",
     "save_reslora",
     "load_reslora",
     "reslora_linear",

@@ -17,7 +17,17 @@ import torch
 
 from . import reference
 
-__all__ = ["BACKEND_ENV", "BACKENDS", "resolve_backend", "check_inputs", "draw_dropout_seed", "reslora_linear"]
+__all__ = [
+    "BACKEND_ENV",
+    "BACKENDS",
+    "resolve_backend",
+    "check_inputs",
+    "draw_dropout_seed",
+    "reslora_linear",
+    "fold_backend",
+    "fold_report",
+    "fold_lora_",
+]
 
 BACKEND_ENV = "RESLORA_BACKEND"
 BACKENDS = ("auto", "torch", "triton")
@@ -163,3 +173,66 @@ def reslora_linear(
         dropout_seed=dropout_seed,
         compute_x_sqnorm=compute_x_sqnorm,
     )
+
+
+# ---------------------------------------------------------------------------- the merge fold
+@functools.lru_cache(maxsize=None)
+def _cuda_extension():
+    """``(module, None)`` when the optional CUDA extension was built, else ``(None, reason)``."""
+    import importlib.util
+
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        return None, "not built (see setup.py: RESLORA_BUILD_CUDA)"
+    try:
+        from . import _C
+    except ImportError as err:  # built, but e.g. against another torch
+        return None, f"failed to load ({err})"
+    return _C, None
+
+
+def fold_backend(weight: torch.Tensor) -> str:
+    """``"cuda"`` (the CUDA C++ extension), ``"triton"`` or ``"torch"``: which fold runs for
+    ``weight``. ``auto`` prefers the CUDA extension on CUDA tensors when it was built."""
+    backend = resolve_backend(weight)
+    choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if backend == "triton" and choice == "auto" and _cuda_extension()[0] is not None:
+        return "cuda"
+    return backend
+
+
+def fold_report() -> str:
+    """One line naming the fold implementation CUDA tensors get under the current settings."""
+    extension, reason = _cuda_extension()
+    if extension is not None:
+        return "fold on CUDA tensors: CUDA C++ extension (reslora_kernels._C)"
+    if _triton_import_error() is None:
+        return f"fold on CUDA tensors: Triton (CUDA extension {reason})"
+    return f"fold on CUDA tensors: PyTorch reference (no Triton, CUDA extension {reason})"
+
+
+@torch.no_grad()
+def fold_lora_(weight: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tensor, coef: float) -> torch.Tensor:
+    """In place ``weight += coef * lora_B @ lora_A`` with float32 accumulation, on the fastest
+    implementation available for ``weight``'s device (see :func:`fold_backend`)."""
+    if weight.dim() != 2 or lora_B.dim() != 2 or lora_A.dim() != 2:
+        raise ValueError("fold_lora_ needs 2-D weight [N, K], lora_B [N, R] and lora_A [R, K]")
+    N, K = weight.shape
+    R = lora_A.shape[0]
+    if lora_B.shape != (N, R) or lora_A.shape != (R, K):
+        raise ValueError(
+            f"weight {tuple(weight.shape)}, lora_B {tuple(lora_B.shape)} and lora_A {tuple(lora_A.shape)} "
+            "do not form weight + lora_B @ lora_A"
+        )
+    for name, t in (("lora_B", lora_B), ("lora_A", lora_A)):
+        if t.device != weight.device:
+            raise ValueError(f"device mismatch: weight is on {weight.device} but {name} is on {t.device}")
+    backend = fold_backend(weight)
+    if backend == "torch":
+        return reference.fold_lora_(weight, lora_B, lora_A, coef)
+    # The kernels take one dtype; the adapter factors are small, so casting them is cheap.
+    lora_B, lora_A = lora_B.to(weight.dtype), lora_A.to(weight.dtype)
+    if backend == "cuda":
+        return _cuda_extension()[0].fold_lora_(weight, lora_B, lora_A, float(coef))
+    from .ops import fold_lora_ as triton_fold
+
+    return triton_fold(weight, lora_B, lora_A, coef)

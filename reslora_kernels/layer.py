@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import functional, reference
 from .chain import ResLoRAChain
@@ -101,6 +102,8 @@ class FusedResLoRALinear(nn.Linear):
             # so that recording never waits for the GPU; read only when merging.
             self.register_buffer("norm_sq_window", torch.zeros(norm_window, device=weight.device, dtype=torch.float32))
             self.register_buffer("norm_count", torch.zeros((), device=weight.device, dtype=torch.int64))
+        self._lstsq_stats = None  # set by merging.calibrate_lstsq during its calibration pass
+        self._merge_preview = None  # a MergeTerm while merge_report evaluates a merged model
         ResLoRAChain([self])
 
     # ------------------------------------------------------------------ parameters
@@ -129,7 +132,14 @@ class FusedResLoRALinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Fail on a bad input before the chain's stash is touched.
         functional.check_inputs(x, self.weight, self.bias, self.lora_A, self.lora_B)
+        if self._merge_preview is not None:
+            return self._merged_forward(x)
         x_prev, z_prev, lora_A, lora_B = self._chain.shortcut_inputs(self, x)
+        if self._lstsq_stats is not None and self._chain_index > 0:
+            # The shortcut term the merged weight must reproduce, in rank space.
+            acc = torch.promote_types(x.dtype, torch.float32)
+            target = x_prev.to(acc) @ self.lora_A.to(acc).t() if self.mode == "is" else z_prev
+            self._lstsq_stats.observe(x, target)
         train_dropout = self.training and self.dropout > 0.0
         record = self.training and self.mode in ("is", "ms")
         y, z, x_sqnorm = functional.reslora_linear(
@@ -150,6 +160,14 @@ class FusedResLoRALinear(nn.Linear):
                 x_sqnorm = reference.squared_norm(z)
             self._record_norm(x_sqnorm)
         return y
+
+    @torch.no_grad()
+    def _merged_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # What the merged nn.Linear would output, its weight rounded to the weight's dtype as a
+        # real merge rounds it; built per call so that no merged copy of the model is kept.
+        term = self._merge_preview
+        merged = functional.fold_lora_(self.weight.detach().clone(), term.lora_B, term.lora_A, term.coef)
+        return F.linear(x, merged, self.bias)
 
     @torch.no_grad()
     def _record_norm(self, sqnorm: torch.Tensor) -> None:

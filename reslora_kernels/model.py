@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import merging, reference
+from . import functional, merging
 from .chain import ResLoRAChain, link_chain
 from .config import ResLoRAConfig
 from .layer import FusedResLoRALinear
@@ -23,6 +23,7 @@ __all__ = [
     "reslora_summary",
     "ResLoRASummary",
     "merge_and_unload",
+    "merge_report",
     "save_reslora",
     "load_reslora",
     "CONFIG_NAME",
@@ -178,17 +179,28 @@ def _chains_of(blocks: list[tuple[str, FusedResLoRALinear]]) -> list[ResLoRAChai
     return list(chains.values())
 
 
-def _merge_terms(model: nn.Module, method: str) -> list[tuple[FusedResLoRALinear, merging.MergeTerm]]:
+def _merge_terms(
+    model: nn.Module, method: str, calibration=None, ridge: float = 1e-3
+) -> list[tuple[FusedResLoRALinear, merging.MergeTerm]]:
+    """Every block's merge term under ``method``, computed before anything changes."""
     blocks = _named_blocks(model)
     if not blocks:
         raise ValueError("the model has no ResLoRA layers to merge")
     chains = _chains_of(blocks)
-    for chain in chains:  # every method/mode pair is checked before anything is computed
-        merging.resolve_method(method, chain.mode)
+    # Every method/mode pair is checked before anything is computed.
+    resolved = {merging.resolve_method(method, chain.mode) for chain in chains}
+    if "lstsq" in resolved:
+        if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge > 0:
+            raise ValueError(f"ridge must be a positive number, got {ridge!r}")
+        lstsq = merging.calibrate_lstsq(model, [layer for _, layer in blocks], calibration)
+    elif calibration is not None:
+        raise ValueError(f"calibration is only used by method 'lstsq', not {method!r}")
+    else:
+        lstsq = None
     in_model = {id(layer) for _, layer in blocks}
     terms = []
     for chain in chains:
-        for block, term in zip(chain, merging.chain_merge_terms(chain, method)):
+        for block, term in zip(chain, merging.chain_merge_terms(chain, method, lstsq, ridge)):
             if id(block) in in_model:
                 terms.append((block, term))
     return terms
@@ -212,20 +224,34 @@ def _check_untied(model: nn.Module, blocks: list[tuple[str, FusedResLoRALinear]]
 
 
 @torch.no_grad()
-def merge_and_unload(model: nn.Module, method: str = "auto") -> nn.Module:
+def merge_and_unload(model: nn.Module, method: str = "auto", *, calibration=None, ridge: float = 1e-3) -> nn.Module:
     """Fold every ResLoRA block into its base weight and put plain ``nn.Linear`` modules back.
 
-    ``method`` is ``auto`` (``exact`` for none/bs, ``input_norm`` for is/ms), ``exact``,
-    ``input_norm`` or ``weight_norm`` (DESIGN.md section 3). The base weight Parameters are
-    updated in place (the product accumulated in float32) and reused by the new ``nn.Linear``
-    modules, which stay frozen. Returns the model (the new ``nn.Linear`` if ``model`` itself was a
-    single :class:`FusedResLoRALinear`); nothing of ResLoRA is left in it.
+    Args:
+        method: ``auto`` (``exact`` for none/bs, ``input_norm`` for is/ms), ``exact``,
+            ``input_norm``, ``weight_norm`` or ``lstsq`` (DESIGN.md section 3).
+        calibration: for ``lstsq`` only, an iterable of model inputs (a tensor is run as
+            ``model(t)``, a dict as ``model(**d)``); see below.
+        ridge: for ``lstsq``, the ridge ``lambda`` relative to the mean eigenvalue of each
+            block's input Gram matrix.
+
+    ``lstsq`` runs one streaming pass over ``calibration`` (eval mode, no grad) and accumulates
+    per block the float32 sums ``sum x x^T`` ``[in, in]`` and ``sum S x^T`` ``[r, in]`` on the
+    block's device; no activation is kept. Memory: ``4 * (in^2 + r * in)`` bytes per is/ms block
+    after the first of its chain, all held until the pass ends. Cost: the model's forward over
+    the calibration data, plus ``2 * (in + r) * in`` flops per token and block, plus one float64
+    Cholesky solve of size ``in`` per block.
+
+    The base weight Parameters are updated in place (the product accumulated in float32, on the
+    fastest fold for their device: :func:`reslora_kernels.fold_report`) and reused by the new
+    ``nn.Linear`` modules, which stay frozen. Returns the model (the new ``nn.Linear`` if
+    ``model`` itself was a single :class:`FusedResLoRALinear`); nothing of ResLoRA is left in it.
     """
     blocks = _named_blocks(model)
-    terms = _merge_terms(model, method)
+    terms = _merge_terms(model, method, calibration, ridge)
     _check_untied(model, blocks)
     for block, term in terms:
-        reference.fold_lora_(block.weight, term.lora_B, term.lora_A, term.coef)
+        functional.fold_lora_(block.weight, term.lora_B, term.lora_A, term.coef)
     replacements = {id(layer): _plain_linear(layer) for _, layer in blocks}
     for chain in _chains_of(blocks):
         chain.reset()
@@ -238,6 +264,72 @@ def merge_and_unload(model: nn.Module, method: str = "auto") -> nn.Module:
     if "reslora_config" in vars(model):
         del model.reslora_config
     return model
+
+
+def _output_tensor(output) -> torch.Tensor:
+    """The tensor a model's output is judged by: itself, ``.logits``, ``.last_hidden_state``, or
+    the first tensor of a tuple / ModelOutput."""
+    if isinstance(output, torch.Tensor):
+        return output
+    for attr in ("logits", "last_hidden_state"):
+        value = getattr(output, attr, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value
+    raise TypeError(f"cannot find an output tensor in a {type(output).__name__}")
+
+
+@torch.no_grad()
+def merge_report(model: nn.Module, batches, methods=None, *, calibration=None, ridge: float = 1e-3) -> dict[str, float]:
+    """How far each merge method's merged model is from the unmerged one, without changing it.
+
+    For every method (default: every method that applies to all of the model's chains; lstsq
+    only when ``calibration`` is given), returns ``||y_merged - y|| / ||y||`` over ``batches``
+    (held-out model inputs, run as in :func:`merge_and_unload`), where ``y`` is the model's
+    output tensor (``.logits``, ``.last_hidden_state`` or the first tensor) in eval mode. Each
+    merged weight is built on the fly, one block at a time, with the same rounding as a real
+    merge; the model's weights, adapters and mode are left as they were.
+    """
+    blocks = _named_blocks(model)
+    if not blocks:
+        raise ValueError("the model has no ResLoRA layers to merge")
+    modes = {layer.chain.mode for _, layer in blocks}
+    if methods is None:
+        methods = [
+            m
+            for m in ("exact", "input_norm", "weight_norm", "lstsq")
+            if all(mode in merging.METHOD_MODES[m] for mode in modes) and (m != "lstsq" or calibration is not None)
+        ]
+    methods = list(methods)
+    if not methods:
+        raise ValueError("no merge method to report")
+    terms = {m: _merge_terms(model, m, calibration if m == "lstsq" else None, ridge) for m in methods}
+    sums = {m: [0.0, 0.0] for m in methods}
+    was_training = model.training
+    model.eval()
+    count = 0
+    try:
+        for batch in batches:
+            reference_out = _output_tensor(merging.run_batch(model, batch)).double()
+            for m in methods:
+                for block, term in terms[m]:
+                    block._merge_preview = term
+                try:
+                    merged_out = _output_tensor(merging.run_batch(model, batch)).double()
+                finally:
+                    for block, _ in terms[m]:
+                        block._merge_preview = None
+                sums[m][0] += float((merged_out - reference_out).square().sum())
+                sums[m][1] += float(reference_out.square().sum())
+            count += 1
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("batches is empty: merge_report needs held-out model inputs")
+    return {m: (num / den) ** 0.5 if den > 0 else num**0.5 for m, (num, den) in sums.items()}
 
 
 def _plain_linear(layer: FusedResLoRALinear) -> nn.Linear:

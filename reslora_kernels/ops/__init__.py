@@ -9,6 +9,7 @@ activation multiplied by ``lora_B``, ``grad_out [M, N]``.
 
 from ._common import INTERPRETED
 from .dropout import dropout_keep_mask
+from .fold import fold_lora_
 from .linear_lora_dx import linear_lora_dx
 from .linear_lora_fwd import linear_lora_fwd
 from .lora_down import lora_down
@@ -23,4 +24,5 @@ __all__ = [
     "lora_grad_out",
     "linear_lora_dx",
     "lora_grad_A",
+    "fold_lora_",
 ]
