@@ -1,15 +1,48 @@
+"""Benchmark session plumbing: one Results object per session, written as JSON and printed as
+tables at the end. ``RESLORA_BENCH_OUT`` overrides the output folder (default
+benchmarks/results/); CPU results are written too but are not meant to be committed."""
+
+import os
+from pathlib import Path
+
 import pytest
 import torch
+from bench_lib import DEVICE, IS_CUDA, Results
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+RESULTS = Results()
 
 
 def pytest_report_header(config):
-    if DEVICE == "cuda":
-        return f"reslora benchmarks on {torch.cuda.get_device_name()}"
-    return "reslora benchmarks on CPU (no CUDA device): small shapes, reference path"
+    if IS_CUDA:
+        return f"reslora benchmarks on {torch.cuda.get_device_name()}: LLaMA-7B projection shapes, bf16"
+    return "reslora benchmarks on CPU (no CUDA device): small shapes; reference and PEFT only, GPU cases skipped"
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _isolate(monkeypatch):
     torch.manual_seed(0)
+    monkeypatch.delenv("RESLORA_BACKEND", raising=False)  # variants set it themselves
+    yield
+    if IS_CUDA:
+        torch.cuda.empty_cache()
+
+
+@pytest.fixture(scope="session")
+def results():
+    return RESULTS
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not RESULTS.rows:
+        return
+    from report import chart, tables
+
+    out_dir = Path(os.environ.get("RESLORA_BENCH_OUT", Path(__file__).parent / "results"))
+    path = RESULTS.write(out_dir)
+    data = __import__("json").loads(path.read_text())
+    terminalreporter.write_sep("=", f"reslora benchmark results ({DEVICE})")
+    terminalreporter.write_line(tables(data))
+    png = path.with_suffix(".png")
+    if chart(data, png):
+        terminalreporter.write_line(f"\nchart: {png}")
+    terminalreporter.write_line(f"results: {path}")
