@@ -156,9 +156,7 @@ class FusedResLoRALinear(nn.Linear):
         )
         self._chain.after_forward(self, x, z)
         if record:
-            if self.mode == "ms":
-                x_sqnorm = reference.squared_norm(z)
-            self._record_norm(x_sqnorm)
+            self._record_norm(x_sqnorm if self.mode == "is" else reference.squared_norm(z))
         return y
 
     @torch.no_grad()

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_2d, check_same, dot_precision, dropout_args, pick, rank_block
+from ._jit import grouped_tile
 from .dropout import keep_mask
 
 
@@ -72,14 +73,8 @@ def _linear_lora_dx_kernel(
     GROUP_M: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_K] tile of dx: the rank loop of v, then the N loop of grad_out W."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_k = tl.cdiv(K, BLOCK_K)
-    tiles_per_group = GROUP_M * num_k
-    first_m = (pid // tiles_per_group) * GROUP_M
-    group_rows = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % tiles_per_group) % group_rows
-    pid_k = (pid % tiles_per_group) // group_rows
+    # Grouped tile order: GROUP_M row tiles share each weight tile while it is in L2.
+    pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_2d, check_same, dot_precision, pick, rank_block
+from ._jit import grouped_tile
 
 
 def _configs():
@@ -64,15 +65,8 @@ def _linear_lora_fwd_kernel(
     GROUP_M: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] tile of y: the K loop of x W^T, then the rank loop of s u B^T."""
-    # Grouped tile order: GROUP_M row tiles share each W column tile while it is in L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    tiles_per_group = GROUP_M * num_n
-    first_m = (pid // tiles_per_group) * GROUP_M
-    group_rows = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % tiles_per_group) % group_rows
-    pid_n = (pid % tiles_per_group) // group_rows
+    # Grouped tile order: GROUP_M row tiles share each weight tile while it is in L2.
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

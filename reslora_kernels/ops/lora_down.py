@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ._common import check_2d, check_same, dot_precision, dropout_args, pick, rank_block
-from .dropout import keep_mask
+from ._jit import lora_input_tile
 
 
 def _configs():
@@ -74,15 +74,22 @@ def _lora_down_kernel(
         x = x.to(tl.float32)
         if SQNORM:
             sq += x * x
-        lora_in = x
-        if HAS_PREV:
-            x_prev = tl.load(
-                x_prev_ptr + rows[:, None] * stride_pm + offs_k[None, :] * stride_pk, mask=in_bounds, other=0.0
-            )
-            lora_in += x_prev.to(tl.float32)
-        lora_in = lora_in * input_scale
-        if DROPOUT:
-            lora_in = tl.where(keep_mask(seed, offs_m, offs_k, drop_threshold), lora_in * drop_scale, 0.0)
+        lora_in = lora_input_tile(
+            x,
+            x_prev_ptr,
+            rows,
+            offs_m,
+            offs_k,
+            in_bounds,
+            stride_pm,
+            stride_pk,
+            seed,
+            drop_threshold,
+            drop_scale,
+            input_scale,
+            HAS_PREV=HAS_PREV,
+            DROPOUT=DROPOUT,
+        )
         a_t = tl.load(
             a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
             mask=(offs_r[None, :] < R) & (offs_k[:, None] < K),

@@ -19,7 +19,7 @@ from ._common import (
     rank_block,
     sm_count,
 )
-from .dropout import keep_mask
+from ._jit import lora_input_tile
 
 
 def _configs():
@@ -80,17 +80,23 @@ def _lora_grad_a_kernel(
         rows = offs_m.to(tl.int64)
         row_ok = offs_m < row_end
         in_bounds = row_ok[:, None] & col_ok[None, :]
-        lora_in = tl.load(
-            x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=in_bounds, other=0.0
-        ).to(tl.float32)
-        if HAS_PREV:
-            x_prev = tl.load(
-                x_prev_ptr + rows[:, None] * stride_pm + offs_k[None, :] * stride_pk, mask=in_bounds, other=0.0
-            )
-            lora_in += x_prev.to(tl.float32)
-        lora_in = lora_in * input_scale
-        if DROPOUT:
-            lora_in = tl.where(keep_mask(seed, offs_m, offs_k, drop_threshold), lora_in * drop_scale, 0.0)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=in_bounds, other=0.0)
+        lora_in = lora_input_tile(
+            x.to(tl.float32),
+            x_prev_ptr,
+            rows,
+            offs_m,
+            offs_k,
+            in_bounds,
+            stride_pm,
+            stride_pk,
+            seed,
+            drop_threshold,
+            drop_scale,
+            input_scale,
+            HAS_PREV=HAS_PREV,
+            DROPOUT=DROPOUT,
+        )
         g_t = tl.load(
             g_ptr + offs_r[:, None] * stride_gr + rows[None, :] * stride_gm,
             mask=rank_ok[:, None] & row_ok[None, :],
