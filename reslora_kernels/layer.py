@@ -118,6 +118,15 @@ class FusedResLoRALinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # model.half() / .to(dtype) cast float buffers too; squared norms of a whole batch overflow
+        # float16 (65504), so the ring buffer stays float32 whatever the module's dtype.
+        window = self._buffers.get("norm_sq_window")
+        if window is not None and window.dtype != torch.float32:
+            self._buffers["norm_sq_window"] = window.float()
+        return self
+
     @property
     def chain(self) -> ResLoRAChain:
         """The chain this block belongs to (its own one-block chain when not linked)."""

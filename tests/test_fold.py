@@ -63,6 +63,16 @@ def test_triton_fold(dtype, shape, poison_empty):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_fold_llama_size(dtype):
+    from reslora_kernels import ops
+
+    W, B, A = operands(4096, 11008, 16, dtype, "cuda")
+    check(ops.fold_lora_(W.clone(), B, A, 0.5), W, B, A, 0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("shape", SHAPES + [(4096, 11008, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_extension_fold(dtype, shape):

@@ -11,6 +11,8 @@ pytest.importorskip("triton")
 import reslora_kernels.ops as ops  # noqa: E402
 from reslora_kernels import functional, reference  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("poison_empty")
+
 
 @pytest.fixture
 def triton_backend(monkeypatch):

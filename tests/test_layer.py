@@ -178,6 +178,15 @@ def test_norm_statistics_ring_buffer():
         FusedResLoRALinear(6, 6, mode="bs").recorded_norm_mean()
 
 
+def test_statistics_stay_float32_when_the_model_is_cast():
+    layer = FusedResLoRALinear(8, 8, mode="is").half()
+    assert layer.weight.dtype == layer.lora_A.dtype == torch.float16
+    assert layer.norm_sq_window.dtype == torch.float32 and layer.norm_count.dtype == torch.int64
+    x = torch.full((64, 8), 100.0, dtype=torch.float16)  # ||x||^2 = 5.12e6: inf in float16
+    layer(x)
+    assert layer.recorded_norm_mean() == pytest.approx(float(x.float().norm()), rel=1e-3)
+
+
 @pytest.mark.parametrize("mode", ["is", "ms"])
 def test_recording_never_reads_device_values(mode):
     """On the meta device every value read (.item(), float(t), .tolist(), bool(t)) raises: a
