@@ -222,3 +222,23 @@ def test_shared_linear_is_replaced_everywhere():
     apply_reslora(model, ResLoRAConfig(mode="none", target_modules=["proj"]))
     assert model["a"]["proj"] is model["b"]["proj"]
     assert isinstance(model["b"]["proj"], FusedResLoRALinear)
+
+
+@pytest.mark.parametrize("mode", ["is", "ms", "bs"])
+def test_gradient_checkpointing(mode):
+    """Layer-by-layer recomputation cannot supply the previous layer's activations: is/ms say so
+    instead of using stale ones; bs only needs parameters and trains as usual."""
+    from reslora_kernels import ChainOrderError
+
+    model = tiny_llama(torch.float32)
+    apply_reslora(model, ResLoRAConfig(mode=mode, target_modules=LLAMA_TARGETS))
+    model.gradient_checkpointing_enable()
+    model.train()
+    ids = torch.randint(0, 64, (2, 8))
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    if mode == "bs":
+        loss.backward()
+        assert model.model.layers[0].self_attn.q_proj.lora_B.grad is not None
+    else:
+        with pytest.raises(ChainOrderError, match="gradient checkpointing"):
+            loss.backward()
