@@ -89,7 +89,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
-        "commit": commit or "unknown",
+        # The device machine gets a copy of the tree without .git: the caller passes the commit.
+        "commit": commit or os.environ.get("RESLORA_GIT_COMMIT", "unknown"),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "exitstatus": int(exitstatus),
         "tests": outcomes,
