@@ -22,6 +22,7 @@ __all__ = [
     "BACKENDS",
     "resolve_backend",
     "check_inputs",
+    "check_shortcuts",
     "draw_dropout_seed",
     "reslora_linear",
     "fold_backend",
@@ -104,9 +105,36 @@ def check_inputs(
         raise ValueError(f"lora_B must be [out_features={out_features}, rank={rank}], got {_describe(lora_B)}")
     if bias is not None and bias.shape != (out_features,):
         raise ValueError(f"bias must be [out_features={out_features}], got {_describe(bias)}")
-    named = {"weight": weight, "lora_A": lora_A, "lora_B": lora_B}
-    if bias is not None:
-        named["bias"] = bias
+    if not x.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got {x.dtype}")
+    _check_alike(x, {"weight": weight, "bias": bias})
+    check_shortcuts(x, lora_A, lora_B, x_prev=x_prev, z_prev=z_prev)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def _check_alike(x: torch.Tensor, named: dict) -> None:
+    for name, t in named.items():
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise TypeError(f"dtype mismatch: input is {x.dtype} but {name} is {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"device mismatch: input is on {x.device} but {name} is on {t.device}")
+
+
+def check_shortcuts(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    *,
+    x_prev: torch.Tensor | None = None,
+    z_prev: torch.Tensor | None = None,
+) -> None:
+    """The part of :func:`check_inputs` about the adapter and the shortcut inputs: what a layer
+    still has to check once its chain has supplied them."""
+    rank = lora_A.shape[0]
+    named = {"lora_A": lora_A, "lora_B": lora_B}
     if x_prev is not None:
         if x_prev.shape != x.shape:
             raise ValueError(f"x_prev must have the input's shape {tuple(x.shape)}, got {_describe(x_prev)}")
@@ -116,15 +144,7 @@ def check_inputs(
         if tuple(z_prev.shape) != expected:
             raise ValueError(f"z_prev must be {expected} (input's leading dims, rank), got {_describe(z_prev)}")
         named["z_prev"] = z_prev
-    if not x.is_floating_point():
-        raise TypeError(f"input must be a floating-point tensor, got {x.dtype}")
-    for name, t in named.items():
-        if t.dtype != x.dtype:
-            raise TypeError(f"dtype mismatch: input is {x.dtype} but {name} is {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"device mismatch: input is on {x.device} but {name} is on {t.device}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    _check_alike(x, named)
 
 
 def draw_dropout_seed() -> int:
@@ -154,6 +174,36 @@ def reslora_linear(
     Returns ``(y, z, x_sqnorm)``; see :func:`reslora_kernels.reference.reslora_linear`.
     """
     check_inputs(x, weight, bias, lora_A, lora_B, x_prev=x_prev, z_prev=z_prev, dropout_p=dropout_p)
+    return run_reslora_linear(
+        x,
+        weight,
+        bias,
+        lora_A,
+        lora_B,
+        scaling,
+        x_prev=x_prev,
+        z_prev=z_prev,
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
+        compute_x_sqnorm=compute_x_sqnorm,
+    )
+
+
+def run_reslora_linear(
+    x,
+    weight,
+    bias,
+    lora_A,
+    lora_B,
+    scaling,
+    *,
+    x_prev=None,
+    z_prev=None,
+    dropout_p=0.0,
+    dropout_seed=None,
+    compute_x_sqnorm=False,
+):
+    """:func:`reslora_linear` on inputs already checked (the layer checks them in two steps)."""
     if dropout_p > 0.0 and dropout_seed is None:
         dropout_seed = draw_dropout_seed()
     if resolve_backend(x) == "torch":

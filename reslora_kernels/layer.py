@@ -151,7 +151,9 @@ class FusedResLoRALinear(nn.Linear):
             self._lstsq_stats.observe(x, target)
         train_dropout = self.training and self.dropout > 0.0
         record = self.training and self.mode in ("is", "ms")
-        y, z, x_sqnorm = functional.reslora_linear(
+        if x_prev is not None or z_prev is not None or lora_A is not self.lora_A:
+            functional.check_shortcuts(x, lora_A, lora_B, x_prev=x_prev, z_prev=z_prev)
+        y, z, x_sqnorm = functional.run_reslora_linear(
             x,
             self.weight,
             self.bias,

@@ -232,3 +232,11 @@ def test_dropout_is_deterministic_under_a_seed():
     third = layer(x)
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     assert not torch.equal(second, third)
+
+
+def test_inconsistent_shortcut_input_is_an_error():
+    """The chain hands block 1 its predecessor's input: with other leading dims it cannot be added."""
+    model = ToyStack(2, 6, "is")
+    model.blocks[0](torch.randn(2, 3, 6, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"x_prev must have the input's shape \(6, 6\)"):
+        model.blocks[1](torch.randn(6, 6, dtype=torch.float64))

@@ -8,11 +8,11 @@ import os
 import torch
 import triton
 
+from ..functional import TRITON_DTYPES as SUPPORTED_DTYPES
+
 #: Whether the kernels were built for Triton's CPU interpreter. Triton reads TRITON_INTERPRET
 #: when a kernel is decorated, so this is fixed at import time.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
