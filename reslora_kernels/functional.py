@@ -16,6 +16,7 @@ import os
 import torch
 
 from . import reference
+from .dtypes import KERNEL_DTYPES
 
 __all__ = [
     "BACKEND_ENV",
@@ -34,13 +35,13 @@ BACKEND_ENV = "RESLORA_BACKEND"
 BACKENDS = ("auto", "torch", "triton")
 
 # The dtypes the Triton kernels implement; the reference also takes float64.
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_DTYPES = KERNEL_DTYPES
 
 
 @functools.lru_cache(maxsize=None)
 def _triton_import_error() -> Exception | None:
     try:
-        from . import autograd  # noqa: F401  (imports triton and the kernels)
+        from . import fused  # noqa: F401  (imports triton and the kernels)
     except ImportError as err:
         return err
     return None
@@ -209,7 +210,7 @@ def run_reslora_linear(
     if resolve_backend(x) == "torch":
         impl = reference.reslora_linear
     else:
-        from .autograd import fused_reslora_linear as impl
+        from .fused import fused_reslora_linear as impl
     return impl(
         x,
         weight,

@@ -1,6 +1,6 @@
 """Fused Triton kernels, one op per file: the ``@triton.jit`` kernels and the launcher that checks
 its inputs, flattens to 2-D, allocates and picks the grid. Nothing model-level lives here; the
-autograd Function composing these ops is ``reslora_kernels.autograd``.
+autograd Function composing these ops is ``reslora_kernels.fused``.
 
 Tensor names follow DESIGN.md: ``x [M, K]`` the block input, ``x_prev`` the previous block's input
 (input-shortcut), ``weight [N, K]``, ``lora_A [R, K]``, ``lora_B [N, R]``, ``u [M, R]`` the rank-space

@@ -8,7 +8,7 @@ import os
 import torch
 import triton
 
-from ..functional import TRITON_DTYPES as SUPPORTED_DTYPES
+from ..dtypes import KERNEL_DTYPES as SUPPORTED_DTYPES
 
 #: Whether the kernels were built for Triton's CPU interpreter. Triton reads TRITON_INTERPRET
 #: when a kernel is decorated, so this is fixed at import time.
