@@ -1,21 +1,12 @@
 """reslora_kernels: fused ResLoRA (residual LoRA) training, merging and export for PyTorch."""
 
+from .apply import ResLoRASummary, apply_reslora, chain_key, reslora_blocks, reslora_summary
 from .chain import ChainOrderError, ResLoRAChain, link_chain
 from .config import MODES, ResLoRAConfig
-from .export import export_peft_adapter
 from .functional import fold_lora_, fold_report, reslora_linear, resolve_backend
+from .io import export_peft_adapter, load_reslora, save_reslora
 from .layer import FusedResLoRALinear
-from .merging import MERGE_METHODS
-from .model import (
-    ResLoRASummary,
-    apply_reslora,
-    chain_key,
-    load_reslora,
-    merge_and_unload,
-    merge_report,
-    reslora_summary,
-    save_reslora,
-)
+from .merging import MERGE_METHODS, merge_and_unload, merge_report
 
 __version__ = "0.1.0"
 
@@ -29,6 +20,7 @@ __all__ = [
     "link_chain",
     "apply_reslora",
     "chain_key",
+    "reslora_blocks",
     "reslora_summary",
     "ResLoRASummary",
     "merge_and_unload",

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
+from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from torch.utils.hooks import RemovableHandle
 
 from . import functional, reference
 from .chain import ResLoRAChain
@@ -102,8 +104,7 @@ class FusedResLoRALinear(nn.Linear):
             # so that recording never waits for the GPU; read only when merging.
             self.register_buffer("norm_sq_window", torch.zeros(norm_window, device=weight.device, dtype=torch.float32))
             self.register_buffer("norm_count", torch.zeros((), device=weight.device, dtype=torch.int64))
-        self._lstsq_stats = None  # set by merging.calibrate_lstsq during its calibration pass
-        self._merge_preview = None  # a MergeTerm while merge_report evaluates a merged model
+        self._shortcut_hooks: OrderedDict[int, Callable] = OrderedDict()  # RemovableHandle needs a weakref-able dict
         ResLoRAChain([self])
 
     # ------------------------------------------------------------------ parameters
@@ -138,17 +139,21 @@ class FusedResLoRALinear(nn.Linear):
         return self._chain_index
 
     # ------------------------------------------------------------------ forward
+    def register_shortcut_hook(self, hook: Callable) -> RemovableHandle:
+        """Call ``hook(block, x, x_prev, z_prev)`` in every forward, once the chain has supplied the
+        block's shortcut inputs (``x_prev`` for is, ``z_prev`` for ms, else ``None``) and before the
+        block computes. For tools that observe the shortcut (the lstsq merge's calibration);
+        returns a handle whose ``remove()`` unregisters it."""
+        handle = RemovableHandle(self._shortcut_hooks)
+        self._shortcut_hooks[handle.id] = hook
+        return handle
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Fail on a bad input before the chain's stash is touched.
         functional.check_inputs(x, self.weight, self.bias, self.lora_A, self.lora_B)
-        if self._merge_preview is not None:
-            return self._merged_forward(x)
         x_prev, z_prev, lora_A, lora_B = self._chain.shortcut_inputs(self, x)
-        if self._lstsq_stats is not None and self._chain_index > 0:
-            # The shortcut term the merged weight must reproduce, in rank space.
-            acc = torch.promote_types(x.dtype, torch.float32)
-            target = x_prev.to(acc) @ self.lora_A.to(acc).t() if self.mode == "is" else z_prev
-            self._lstsq_stats.observe(x, target)
+        for hook in tuple(self._shortcut_hooks.values()):
+            hook(self, x, x_prev, z_prev)
         train_dropout = self.training and self.dropout > 0.0
         record = self.training and self.mode in ("is", "ms")
         if x_prev is not None or z_prev is not None or lora_A is not self.lora_A:
@@ -169,14 +174,6 @@ class FusedResLoRALinear(nn.Linear):
         if record:
             self._record_norm(x_sqnorm if self.mode == "is" else reference.squared_norm(z))
         return y
-
-    @torch.no_grad()
-    def _merged_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # What the merged nn.Linear would output, its weight rounded to the weight's dtype as a
-        # real merge rounds it; built per call so that no merged copy of the model is kept.
-        term = self._merge_preview
-        merged = functional.fold_lora_(self.weight.detach().clone(), term.lora_B, term.lora_A, term.coef)
-        return F.linear(x, merged, self.bias)
 
     @torch.no_grad()
     def _record_norm(self, sqnorm: torch.Tensor) -> None:

@@ -13,7 +13,9 @@ The coefficients ``a_n`` follow the authors' code: a ratio with a zero statistic
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -21,9 +23,12 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
+from . import functional
+from .apply import reslora_blocks, set_module
+from .layer import FusedResLoRALinear
+
 if TYPE_CHECKING:
     from .chain import ResLoRAChain
-    from .layer import FusedResLoRALinear
 
 __all__ = [
     "MERGE_METHODS",
@@ -34,6 +39,9 @@ __all__ = [
     "LstsqStatistics",
     "calibrate_lstsq",
     "run_batch",
+    "merge_terms",
+    "merge_and_unload",
+    "merge_report",
 ]
 
 MERGE_METHODS = ("auto", "exact", "input_norm", "weight_norm", "lstsq")
@@ -146,6 +154,16 @@ def run_batch(model: nn.Module, batch) -> object:
     raise TypeError(f"a batch must be a tensor or a dict of model inputs, got {type(batch).__name__}")
 
 
+def _observe_shortcut(stats: LstsqStatistics):
+    def hook(block, x, x_prev, z_prev):
+        # The shortcut term the merged weight must reproduce, in rank space.
+        acc = torch.promote_types(x.dtype, torch.float32)
+        target = x_prev.to(acc) @ block.lora_A.to(acc).t() if block.mode == "is" else z_prev
+        stats.observe(x, target)
+
+    return hook
+
+
 @torch.no_grad()
 def calibrate_lstsq(
     model: nn.Module, blocks: list["FusedResLoRALinear"], batches: Iterable
@@ -155,10 +173,12 @@ def calibrate_lstsq(
     after the first of their chain). Keyed by ``id(block)``; no activation is kept."""
     if batches is None:
         raise ValueError("method 'lstsq' needs calibration=<an iterable of model inputs>")
-    stats = {}
+    stats: dict[int, LstsqStatistics] = {}
+    handles = []
     for block in blocks:
         if block.mode in METHOD_MODES["lstsq"] and block.chain_index > 0:
-            stats[id(block)] = block._lstsq_stats = LstsqStatistics(block)
+            stats[id(block)] = LstsqStatistics(block)
+            handles.append(block.register_shortcut_hook(_observe_shortcut(stats[id(block)])))
     was_training = model.training
     model.eval()
     count = 0
@@ -167,8 +187,8 @@ def calibrate_lstsq(
             run_batch(model, batch)
             count += 1
     finally:
-        for block in blocks:
-            block._lstsq_stats = None
+        for handle in handles:
+            handle.remove()
         model.train(was_training)
     if count == 0:
         raise ValueError("calibration is empty: lstsq needs at least one batch of model inputs")
@@ -211,3 +231,196 @@ def chain_merge_terms(
         MergeTerm(block.scaling * (1.0 + a), block.lora_B.detach(), block.lora_A.detach())
         for block, a in zip(blocks, coefficients)
     ]
+
+
+# ---------------------------------------------------------------------------- model level
+def chains_of(blocks: list[tuple[str, FusedResLoRALinear]]) -> list[ResLoRAChain]:
+    chains: dict[int, ResLoRAChain] = {}
+    for _, layer in blocks:
+        chains.setdefault(id(layer.chain), layer.chain)
+    return list(chains.values())
+
+
+def merge_terms(
+    model: nn.Module, method: str, calibration=None, ridge: float = 1e-3
+) -> list[tuple[FusedResLoRALinear, MergeTerm]]:
+    """Every block's merge term under ``method``, computed before anything changes."""
+    blocks = reslora_blocks(model)
+    if not blocks:
+        raise ValueError("the model has no ResLoRA layers to merge")
+    chains = chains_of(blocks)
+    # Every method/mode pair is checked before anything is computed.
+    resolved = {resolve_method(method, chain.mode) for chain in chains}
+    if "lstsq" in resolved:
+        if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge > 0:
+            raise ValueError(f"ridge must be a positive number, got {ridge!r}")
+        lstsq = calibrate_lstsq(model, [layer for _, layer in blocks], calibration)
+    elif calibration is not None:
+        raise ValueError(f"calibration is only used by method 'lstsq', not {method!r}")
+    else:
+        lstsq = None
+    in_model = {id(layer) for _, layer in blocks}
+    terms = []
+    for chain in chains:
+        for block, term in zip(chain, chain_merge_terms(chain, method, lstsq, ridge)):
+            if id(block) in in_model:
+                terms.append((block, term))
+    return terms
+
+
+def _check_untied(model: nn.Module, blocks: list[tuple[str, FusedResLoRALinear]]) -> None:
+    holders: dict[int, list[str]] = defaultdict(list)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        holders[id(param)].append(name)
+    own: dict[int, set[str]] = defaultdict(set)
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if isinstance(mod, FusedResLoRALinear):
+            own[id(mod.weight)].add(f"{name}.weight" if name else "weight")
+    for name, layer in blocks:
+        others = [n for n in holders[id(layer.weight)] if n not in own[id(layer.weight)]]
+        if others:
+            raise ValueError(
+                f"{name}.weight is tied to {', '.join(others)}: merging would change those too. "
+                "Untie the weights (clone the parameter) before merging"
+            )
+
+
+@torch.no_grad()
+def merge_and_unload(model: nn.Module, method: str = "auto", *, calibration=None, ridge: float = 1e-3) -> nn.Module:
+    """Fold every ResLoRA block into its base weight and put plain ``nn.Linear`` modules back.
+
+    Args:
+        method: ``auto`` (``exact`` for none/bs, ``input_norm`` for is/ms), ``exact``,
+            ``input_norm``, ``weight_norm`` or ``lstsq`` (DESIGN.md section 3).
+        calibration: for ``lstsq`` only, an iterable of model inputs (a tensor is run as
+            ``model(t)``, a dict as ``model(**d)``); see below.
+        ridge: for ``lstsq``, the ridge ``lambda`` relative to the mean eigenvalue of each
+            block's input Gram matrix.
+
+    ``lstsq`` runs one streaming pass over ``calibration`` (eval mode, no grad) and accumulates
+    per block the float32 sums ``sum x x^T`` ``[in, in]`` and ``sum S x^T`` ``[r, in]`` on the
+    block's device; no activation is kept. Memory: ``4 * (in^2 + r * in)`` bytes per is/ms block
+    after the first of its chain, all held until the pass ends. Cost: the model's forward over
+    the calibration data, plus ``2 * (in + r) * in`` flops per token and block, plus one float64
+    Cholesky solve of size ``in`` per block.
+
+    The base weight Parameters are updated in place (the product accumulated in float32, on the
+    fastest fold for their device: :func:`reslora_kernels.fold_report`) and reused by the new
+    ``nn.Linear`` modules, which stay frozen. Returns the model (the new ``nn.Linear`` if
+    ``model`` itself was a single :class:`FusedResLoRALinear`); nothing of ResLoRA is left in it.
+    """
+    blocks = reslora_blocks(model)
+    terms = merge_terms(model, method, calibration, ridge)
+    _check_untied(model, blocks)
+    for block, term in terms:
+        functional.fold_lora_(block.weight, term.lora_B, term.lora_A, term.coef)
+    replacements = {id(layer): _plain_linear(layer) for _, layer in blocks}
+    for chain in chains_of(blocks):
+        chain.reset()
+    root = replacements.get(id(model))
+    if root is not None:
+        return root
+    for name, mod in list(model.named_modules(remove_duplicate=False)):
+        if name and id(mod) in replacements:
+            set_module(model, name, replacements[id(mod)])
+    if "reslora_config" in vars(model):
+        del model.reslora_config
+    return model
+
+
+def _output_tensor(output) -> torch.Tensor:
+    """The tensor a model's output is judged by: itself, ``.logits``, ``.last_hidden_state``, or
+    the first tensor of a tuple / ModelOutput."""
+    if isinstance(output, torch.Tensor):
+        return output
+    for attr in ("logits", "last_hidden_state"):
+        value = getattr(output, attr, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value
+    raise TypeError(f"cannot find an output tensor in a {type(output).__name__}")
+
+
+@torch.no_grad()
+def merge_report(model: nn.Module, batches, methods=None, *, calibration=None, ridge: float = 1e-3) -> dict[str, float]:
+    """How far each merge method's merged model is from the unmerged one, without changing it.
+
+    For every method (default: every method that applies to all of the model's chains; lstsq
+    only when ``calibration`` is given), returns ``||y_merged - y|| / ||y||`` over ``batches``
+    (held-out model inputs, run as in :func:`merge_and_unload`), where ``y`` is the model's
+    output tensor (``.logits``, ``.last_hidden_state`` or the first tensor) in eval mode. Each
+    merged weight is built on the fly, one block at a time, with the same rounding as a real
+    merge; the model's weights, adapters and mode are left as they were.
+    """
+    blocks = reslora_blocks(model)
+    if not blocks:
+        raise ValueError("the model has no ResLoRA layers to merge")
+    modes = {layer.chain.mode for _, layer in blocks}
+    if methods is None:
+        methods = [
+            m
+            for m in ("exact", "input_norm", "weight_norm", "lstsq")
+            if all(mode in METHOD_MODES[m] for mode in modes) and (m != "lstsq" or calibration is not None)
+        ]
+    methods = list(methods)
+    if not methods:
+        raise ValueError("no merge method to report")
+    terms = {m: merge_terms(model, m, calibration if m == "lstsq" else None, ridge) for m in methods}
+    sums = {m: [0.0, 0.0] for m in methods}
+    was_training = model.training
+    model.eval()
+    count = 0
+    try:
+        for batch in batches:
+            reference_out = _output_tensor(run_batch(model, batch)).double()
+            for m in methods:
+                with _merged_preview(model, terms[m]) as merged:
+                    merged_out = _output_tensor(run_batch(merged, batch)).double()
+                sums[m][0] += float((merged_out - reference_out).square().sum())
+                sums[m][1] += float(reference_out.square().sum())
+            count += 1
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("batches is empty: merge_report needs held-out model inputs")
+    return {m: (num / den) ** 0.5 if den > 0 else num**0.5 for m, (num, den) in sums.items()}
+
+
+class _MergedPreview(nn.Module):
+    """What the merged ``nn.Linear`` of a block outputs, its weight built on every call (rounded to
+    the weight's dtype as a real merge rounds it) so that no merged copy of the model is kept."""
+
+    def __init__(self, block: FusedResLoRALinear, term: MergeTerm) -> None:
+        super().__init__()
+        self.block, self.term = block, term
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = functional.fold_lora_(
+            self.block.weight.detach().clone(), self.term.lora_B, self.term.lora_A, self.term.coef
+        )
+        return torch.nn.functional.linear(x, weight, self.block.bias)
+
+
+@contextlib.contextmanager
+def _merged_preview(model: nn.Module, terms: list[tuple[FusedResLoRALinear, MergeTerm]]):
+    """Swap every block of ``model`` for its merged preview, and back on exit whatever happens;
+    yields the module to run (the preview itself when ``model`` is a single block)."""
+    previews = {id(block): _MergedPreview(block, term) for block, term in terms}
+    swapped = [(name, mod) for name, mod in model.named_modules(remove_duplicate=False) if name and id(mod) in previews]
+    try:
+        for name, mod in swapped:
+            set_module(model, name, previews[id(mod)])
+        yield previews.get(id(model), model)
+    finally:
+        for name, mod in swapped:
+            set_module(model, name, mod)
+
+
+def _plain_linear(layer: FusedResLoRALinear) -> nn.Linear:
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    linear.weight = layer.weight
+    linear.bias = layer.bias
+    return linear

@@ -86,16 +86,18 @@ def test_lstsq_errors():
     with pytest.raises(ValueError, match="'lstsq' does not apply to mode 'bs'"):
         merge_and_unload(ToyStack(2, 8, "bs"), method="lstsq", calibration=[torch.randn(2, 8)])
     # Nothing was merged by the failed calls, and no calibration state is left behind.
-    assert all(isinstance(b, FusedResLoRALinear) and b._lstsq_stats is None for b in model.blocks)
+    assert all(isinstance(b, FusedResLoRALinear) and not b._shortcut_hooks for b in model.blocks)
 
 
 def test_merge_report_leaves_the_model_alone():
     model = ToyStack(3, 8, "bs", pre_num=-1).train()
     before = copy.deepcopy(model.state_dict())
+    before_modules = list(model.modules())
     report = merge_report(model, [torch.randn(4, 8, dtype=torch.float64) for _ in range(2)])
     assert set(report) == {"exact"} and report["exact"] < 1e-12
     assert model.training
-    assert all(isinstance(b, FusedResLoRALinear) and b._merge_preview is None for b in model.blocks)
+    assert all(isinstance(b, FusedResLoRALinear) for b in model.blocks)
+    assert [type(m) for m in model.modules()] == [type(m) for m in before_modules]
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
     with pytest.raises(ValueError, match="batches is empty"):
@@ -153,3 +155,39 @@ def test_lstsq_beats_input_norm_on_a_tiny_llama(mode):
     held_out = [{"input_ids": torch.randint(0, 64, (4, 16))} for _ in range(4)]
     report = merge_report(model, held_out, ["input_norm", "lstsq"], calibration=calibration)
     assert report["lstsq"] * 1.4 < report["input_norm"], report
+
+
+def test_merge_report_restores_the_model_when_a_merged_forward_fails(monkeypatch):
+    from reslora_kernels import merging
+
+    model = ToyStack(3, 8, "is")
+    blocks = list(model.blocks)
+
+    def fail(self, x):
+        raise RuntimeError("merged forward failed")
+
+    monkeypatch.setattr(merging._MergedPreview, "forward", fail)
+    with pytest.raises(RuntimeError, match="merged forward failed"):
+        merge_report(model, [torch.randn(4, 8, dtype=torch.float64)])
+    assert list(model.blocks) == blocks
+
+
+def test_merge_report_on_a_single_block():
+    layer = FusedResLoRALinear(8, 6, dtype=torch.float64, rank=2, mode="is")
+    torch.nn.init.normal_(layer.lora_B)
+    report = merge_report(layer, [torch.randn(3, 8, dtype=torch.float64)])
+    # A lone is block is the first of its chain: input_norm (a_0 = 1) is exact for it.
+    assert report["input_norm"] < 1e-12
+
+
+def test_shortcut_hook_sees_the_shortcut_inputs_and_can_be_removed():
+    model = ToyStack(3, 8, "is")
+    seen = []
+    handle = model.blocks[1].register_shortcut_hook(lambda b, x, xp, zp: seen.append((b, x, xp, zp)))
+    x = torch.randn(2, 8, dtype=torch.float64)
+    model(x)
+    assert len(seen) == 1 and seen[0][0] is model.blocks[1] and seen[0][3] is None
+    assert torch.equal(seen[0][2], x)  # block 1's x_prev is block 0's input
+    handle.remove()
+    model(x)
+    assert len(seen) == 1

@@ -8,7 +8,7 @@ from test_model import LLAMA_TARGETS, randomize_adapters, tiny_llama
 from toy import ToyStack
 
 from reslora_kernels import FusedResLoRALinear, ResLoRAConfig, apply_reslora, link_chain, load_reslora, save_reslora
-from reslora_kernels.model import CONFIG_NAME, WEIGHTS_NAME
+from reslora_kernels.io import CONFIG_NAME, WEIGHTS_NAME
 
 
 def reslora_state(model):
