@@ -109,7 +109,7 @@ def apply_reslora(model: nn.Module, config: ResLoRAConfig) -> nn.Module:
                 runs[-1].append(cur)
             for i, run in enumerate(runs):
                 name = key if i == 0 else f"{key}#{i}"
-                link_chain([layer for _, layer in run], name=name, block_names=[n for n, _ in run])
+                link_chain([layer for _, layer in run], name=name, block_names=[n for n, _ in run], model=model)
     model.reslora_config = config
     return model
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+from contextlib import nullcontext
 
 import torch
 
@@ -92,8 +93,11 @@ def check_inputs(
     x_prev: torch.Tensor | None = None,
     z_prev: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    compute_dtype: torch.dtype | None = None,
 ) -> None:
-    """Raise a clear error for inconsistent shapes, dtypes or devices, before any compute."""
+    """Raise a clear error for inconsistent shapes, dtypes or devices, before any compute.
+    With ``compute_dtype`` (autocast, see :func:`autocast_dtype`) the floating tensors only need
+    to be castable to it, as autocast casts them; otherwise every dtype must equal the input's."""
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out_features, in_features], got {_describe(weight)}")
     out_features, in_features = weight.shape
@@ -108,17 +112,19 @@ def check_inputs(
         raise ValueError(f"bias must be [out_features={out_features}], got {_describe(bias)}")
     if not x.is_floating_point():
         raise TypeError(f"input must be a floating-point tensor, got {x.dtype}")
-    _check_alike(x, {"weight": weight, "bias": bias})
-    check_shortcuts(x, lora_A, lora_B, x_prev=x_prev, z_prev=z_prev)
+    _check_alike(x, {"weight": weight, "bias": bias}, compute_dtype)
+    check_shortcuts(x, lora_A, lora_B, x_prev=x_prev, z_prev=z_prev, compute_dtype=compute_dtype)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
 
-def _check_alike(x: torch.Tensor, named: dict) -> None:
+def _check_alike(x: torch.Tensor, named: dict, compute_dtype: torch.dtype | None = None) -> None:
     for name, t in named.items():
         if t is None:
             continue
-        if t.dtype != x.dtype:
+        if compute_dtype is not None and _autocast_eligible(t):
+            pass  # autocast casts it to compute_dtype
+        elif t.dtype != x.dtype:
             raise TypeError(f"dtype mismatch: input is {x.dtype} but {name} is {t.dtype}")
         if t.device != x.device:
             raise ValueError(f"device mismatch: input is on {x.device} but {name} is on {t.device}")
@@ -131,6 +137,7 @@ def check_shortcuts(
     *,
     x_prev: torch.Tensor | None = None,
     z_prev: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> None:
     """The part of :func:`check_inputs` about the adapter and the shortcut inputs: what a layer
     still has to check once its chain has supplied them."""
@@ -145,13 +152,50 @@ def check_shortcuts(
         if tuple(z_prev.shape) != expected:
             raise ValueError(f"z_prev must be {expected} (input's leading dims, rank), got {_describe(z_prev)}")
         named["z_prev"] = z_prev
-    _check_alike(x, named)
+    _check_alike(x, named, compute_dtype)
 
 
-def draw_dropout_seed() -> int:
-    """A fresh dropout seed from torch's CPU generator (so ``torch.manual_seed`` makes it
-    repeatable); reading a CPU tensor never waits for the GPU."""
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+def draw_dropout_seed(device: torch.device | str) -> torch.Tensor:
+    """A fresh dropout seed: a 0-d int64 tensor on ``device`` drawn from that device's generator
+    (``torch.manual_seed`` makes it repeatable, gradient checkpointing's RNG replay redraws the
+    same one, and nothing is read back to the host)."""
+    return torch.randint(0, 2**31 - 1, (), device=device)
+
+
+def _autocast_eligible(t: torch.Tensor) -> bool:
+    # What autocast casts to its low-precision dtype: floating tensors other than float64.
+    return t.is_floating_point() and t.dtype != torch.float64
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype the block computes in under ``torch.autocast`` (as ``nn.Linear`` would: the
+    autocast dtype for an eligible input), or ``None`` when autocast is off for x's device."""
+    device_type = x.device.type
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (e.g. meta)
+        return None
+    if not enabled or not _autocast_eligible(x):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def cast_to(dtype: torch.dtype | None, *tensors: torch.Tensor | None) -> tuple:
+    """``tensors`` with every autocast-eligible one cast to ``dtype`` (differentiably: gradients
+    reach the originals in their own dtype); identity preserved between equal inputs (the first
+    block of an input-shortcut chain passes ``x_prev is x``)."""
+    if dtype is None:
+        return tensors
+    done: dict[int, torch.Tensor] = {}
+    out = []
+    for t in tensors:
+        if t is None or not _autocast_eligible(t):
+            out.append(t)
+            continue
+        if id(t) not in done:
+            done[id(t)] = t.to(dtype)
+        out.append(done[id(t)])
+    return tuple(out)
 
 
 def reslora_linear(
@@ -172,9 +216,14 @@ def reslora_linear(
 
         z = drop(x [+ x_prev]) A^T;   y = x W^T + b + s * (z [+ z_prev]) B^T
 
-    Returns ``(y, z, x_sqnorm)``; see :func:`reslora_kernels.reference.reslora_linear`.
+    Returns ``(y, z, x_sqnorm)``; see :func:`reslora_kernels.reference.reslora_linear`. Under
+    ``torch.autocast`` it computes in the autocast dtype, as ``nn.Linear`` does.
     """
-    check_inputs(x, weight, bias, lora_A, lora_B, x_prev=x_prev, z_prev=z_prev, dropout_p=dropout_p)
+    dtype = autocast_dtype(x)
+    check_inputs(
+        x, weight, bias, lora_A, lora_B, x_prev=x_prev, z_prev=z_prev, dropout_p=dropout_p, compute_dtype=dtype
+    )
+    x, weight, bias, lora_A, lora_B, x_prev, z_prev = cast_to(dtype, x, weight, bias, lora_A, lora_B, x_prev, z_prev)
     return run_reslora_linear(
         x,
         weight,
@@ -204,26 +253,30 @@ def run_reslora_linear(
     dropout_seed=None,
     compute_x_sqnorm=False,
 ):
-    """:func:`reslora_linear` on inputs already checked (the layer checks them in two steps)."""
+    """:func:`reslora_linear` on inputs already checked and cast (the layer checks them in two
+    steps). Runs with autocast off: the inputs are in their compute dtype already."""
     if dropout_p > 0.0 and dropout_seed is None:
-        dropout_seed = draw_dropout_seed()
+        dropout_seed = draw_dropout_seed(x.device)
     if resolve_backend(x) == "torch":
         impl = reference.reslora_linear
     else:
         from .fused import fused_reslora_linear as impl
-    return impl(
-        x,
-        weight,
-        bias,
-        lora_A,
-        lora_B,
-        float(scaling),
-        x_prev=x_prev,
-        z_prev=z_prev,
-        dropout_p=float(dropout_p),
-        dropout_seed=dropout_seed,
-        compute_x_sqnorm=compute_x_sqnorm,
-    )
+    # The op's inputs are cast already; autocast inside it would recast its matmuls.
+    context = torch.autocast(x.device.type, enabled=False) if autocast_dtype(x) is not None else nullcontext()
+    with context:
+        return impl(
+            x,
+            weight,
+            bias,
+            lora_A,
+            lora_B,
+            float(scaling),
+            x_prev=x_prev,
+            z_prev=z_prev,
+            dropout_p=float(dropout_p),
+            dropout_seed=dropout_seed,
+            compute_x_sqnorm=compute_x_sqnorm,
+        )
 
 
 # ---------------------------------------------------------------------------- the merge fold

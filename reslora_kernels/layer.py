@@ -149,19 +149,25 @@ class FusedResLoRALinear(nn.Linear):
         return handle
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Fail on a bad input before the chain's stash is touched.
-        functional.check_inputs(x, self.weight, self.bias, self.lora_A, self.lora_B)
+        # Under autocast the block computes in the autocast dtype, as nn.Linear would; the adapter
+        # keeps its own dtype (the casts are differentiable, gradients arrive in it).
+        dtype = functional.autocast_dtype(x)
+        # Fail on a bad input before the chain's pass state is touched.
+        functional.check_inputs(x, self.weight, self.bias, self.lora_A, self.lora_B, compute_dtype=dtype)
         x_prev, z_prev, lora_A, lora_B = self._chain.shortcut_inputs(self, x)
         for hook in tuple(self._shortcut_hooks.values()):
             hook(self, x, x_prev, z_prev)
+        if x_prev is not None or z_prev is not None or lora_A is not self.lora_A:
+            functional.check_shortcuts(x, lora_A, lora_B, x_prev=x_prev, z_prev=z_prev, compute_dtype=dtype)
+        x, weight, bias, lora_A, lora_B, x_prev, z_prev = functional.cast_to(
+            dtype, x, self.weight, self.bias, lora_A, lora_B, x_prev, z_prev
+        )
         train_dropout = self.training and self.dropout > 0.0
         record = self.training and self.mode in ("is", "ms")
-        if x_prev is not None or z_prev is not None or lora_A is not self.lora_A:
-            functional.check_shortcuts(x, lora_A, lora_B, x_prev=x_prev, z_prev=z_prev)
         y, z, x_sqnorm = functional.run_reslora_linear(
             x,
-            self.weight,
-            self.bias,
+            weight,
+            bias,
             lora_A,
             lora_B,
             self.scaling,
@@ -170,7 +176,7 @@ class FusedResLoRALinear(nn.Linear):
             dropout_p=self.dropout if train_dropout else 0.0,
             compute_x_sqnorm=record and self.mode == "is",
         )
-        self._chain.after_forward(self, x, z)
+        self._chain.after_forward(self, x, z, y)
         if record:
             self._record_norm(x_sqnorm if self.mode == "is" else reference.squared_norm(z))
         return y

@@ -224,21 +224,37 @@ def test_shared_linear_is_replaced_everywhere():
     assert isinstance(model["b"]["proj"], FusedResLoRALinear)
 
 
-@pytest.mark.parametrize("mode", ["is", "ms", "bs"])
-def test_gradient_checkpointing(mode):
-    """Layer-by-layer recomputation cannot supply the previous layer's activations: is/ms say so
-    instead of using stale ones; bs only needs parameters and trains as usual."""
-    from reslora_kernels import ChainOrderError
+def _lora_grads(model):
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
-    model = tiny_llama(torch.float32)
-    apply_reslora(model, ResLoRAConfig(mode=mode, target_modules=LLAMA_TARGETS))
-    model.gradient_checkpointing_enable()
+
+@pytest.mark.parametrize("mode", ["none", "is", "bs", "ms"])
+def test_hf_gradient_checkpointing(mode):
+    """Non-reentrant checkpointing (transformers' default) recomputes each decoder layer in backward;
+    every mode gets the gradients of the run without it (dropout included: the recomputed forward
+    redraws the same seeds)."""
+    base = tiny_llama(torch.float64)
+    config = ResLoRAConfig(mode=mode, target_modules=LLAMA_TARGETS, pre_num=-1 if mode == "ms" else 1, dropout=0.1)
+    plain = apply_reslora(copy.deepcopy(base), config)
+    randomize_adapters(plain)
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, 64, (2, 8))
+    for model in (plain, checkpointed):
+        model.train()
+        torch.manual_seed(3)
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    expected, got = _lora_grads(plain), _lora_grads(checkpointed)
+    assert set(expected) == set(got) and len(got) == 2 * 7 * 3
+    for name, grad in expected.items():
+        assert rel_err(got[name], grad) < 1e-12, name
+
+
+@pytest.mark.parametrize("mode", ["is", "ms"])
+def test_hf_reentrant_checkpointing_raises_naming_the_fix(mode):
+    model = apply_reslora(tiny_llama(torch.float32), ResLoRAConfig(mode=mode, target_modules=LLAMA_TARGETS))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     model.train()
     ids = torch.randint(0, 64, (2, 8))
-    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-    if mode == "bs":
-        loss.backward()
-        assert model.model.layers[0].self_attn.q_proj.lora_B.grad is not None
-    else:
-        with pytest.raises(ChainOrderError, match="gradient checkpointing"):
-            loss.backward()
+    with pytest.raises(RuntimeError, match=r'"use_reentrant": False'):
+        model(input_ids=ids, labels=ids, use_cache=False)

@@ -6,6 +6,7 @@ import itertools
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 import reslora_kernels.functional as functional
 from reslora_kernels import FusedResLoRALinear, link_chain
@@ -25,8 +26,12 @@ class ToyStack(nn.Module):
         dtype=torch.float64,
         device="cpu",
         norm_window=100,
+        checkpoint=None,
     ):
+        """``checkpoint``: None, or ``"non-reentrant"`` / ``"reentrant"`` to recompute each block
+        (with its tanh) in backward through ``torch.utils.checkpoint``."""
         super().__init__()
+        self.checkpoint = checkpoint
         self.blocks = nn.ModuleList(
             FusedResLoRALinear(
                 features,
@@ -49,12 +54,16 @@ class ToyStack(nn.Module):
                 if block.bias is not None:
                     block.bias.normal_(0.0, 0.1)
         if mode != "none":
-            link_chain(list(self.blocks), name="toy", block_names=[f"blocks.{i}" for i in range(length)])
+            link_chain(list(self.blocks), name="toy", block_names=[f"blocks.{i}" for i in range(length)], model=self)
 
     def forward(self, x):
         ys = []
         for block in self.blocks:
-            y = block(x)
+            if self.checkpoint is None:
+                y = block(x)
+            else:
+                reentrant = self.checkpoint == "reentrant"
+                y = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=reentrant)
             ys.append(y)
             x = torch.tanh(y)
         return ys
@@ -83,7 +92,7 @@ class SeedRecorder:
         self.seeds = []
         counter = itertools.count(start)
 
-        def draw():
+        def draw(device="cpu"):
             seed = next(counter)
             self.seeds.append(seed)
             return seed
