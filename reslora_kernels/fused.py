@@ -14,7 +14,8 @@ Backward (three launches)::
     dA      = lora_grad_A(g_z, x, x_prev)          # g_z^T drop(x [+ x_prev])
 
 Saved for backward: ``x`` and ``x_prev`` by reference, ``u`` ``[M, r]``, the parameters and the
-dropout seed; never an ``[M, N]`` tensor, a copy of an input, or a mask.
+dropout seed (a 0-d int64 device tensor: the kernels load it, the host never reads it); never an
+``[M, N]`` tensor, a copy of an input, or a mask.
 """
 
 from __future__ import annotations
@@ -62,9 +63,8 @@ class FusedResLoRAFunction(torch.autograd.Function):
         u = z if z_prev is None else z + _rows(z_prev)
         y = ops.linear_lora_fwd(x2, weight, bias, u, lora_B, scaling)
 
-        ctx.save_for_backward(x, x_prev, weight, lora_A, lora_B, u)
-        ctx.scaling, ctx.input_scale = scaling, input_scale
-        ctx.dropout_p, ctx.dropout_seed = dropout_p, dropout_seed
+        ctx.save_for_backward(x, x_prev, weight, lora_A, lora_B, u, dropout_seed)
+        ctx.scaling, ctx.input_scale, ctx.dropout_p = scaling, input_scale, dropout_p
         ctx.has_bias, ctx.has_z_prev = bias is not None, z_prev is not None
         ctx.set_materialize_grads(False)  # an unused z (every mode but ms) brings no zero tensor
         lead = x.shape[:-1]
@@ -76,7 +76,7 @@ class FusedResLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_z, _grad_sqnorm):
-        x, x_prev, weight, lora_A, lora_B, u = ctx.saved_tensors
+        x, x_prev, weight, lora_A, lora_B, u, dropout_seed = ctx.saved_tensors
         needs = ctx.needs_input_grad
         x2 = _rows(x)
         x_prev2 = None if x_prev is None else _rows(x_prev)
@@ -97,7 +97,7 @@ class FusedResLoRAFunction(torch.autograd.Function):
                 lora_A,
                 input_scale=ctx.input_scale,
                 dropout_p=ctx.dropout_p,
-                dropout_seed=ctx.dropout_seed,
+                dropout_seed=dropout_seed,
                 store_prev=want_prev,
             )
             grad_x = grad_x.view(x.shape)
@@ -106,7 +106,7 @@ class FusedResLoRAFunction(torch.autograd.Function):
         grad_A = None
         if needs[3]:
             grad_A = ops.lora_grad_A(
-                g_z, x2, x_prev2, input_scale=ctx.input_scale, dropout_p=ctx.dropout_p, dropout_seed=ctx.dropout_seed
+                g_z, x2, x_prev2, input_scale=ctx.input_scale, dropout_p=ctx.dropout_p, dropout_seed=dropout_seed
             )
         # The base layer is frozen in ResLoRA, but a user may unfreeze it: plain PyTorch then.
         grad_W = grad_y2.t() @ x2 if needs[1] else None
@@ -138,20 +138,26 @@ def fused_reslora_linear(
     x_prev: torch.Tensor | None = None,
     z_prev: torch.Tensor | None = None,
     dropout_p: float = 0.0,
-    dropout_seed: int | None = None,
+    dropout_seed: int | torch.Tensor | None = None,
     compute_x_sqnorm: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The fused counterpart of :func:`reslora_kernels.reference.reslora_linear`, same signature::
 
     z = drop(x [+ x_prev]) A^T;   y = x W^T + b + s * (z [+ z_prev]) B^T
+
+    ``dropout_seed`` is an int or a 0-d integer tensor (ideally already on x's device, e.g. drawn
+    there: then no step of the forward or backward reads it on the host).
     """
     input_scale = 1.0
     if x_prev is x:
         # First block of an input-shortcut chain: x_{-1} := x_0, so the LoRA input is 2 x.
         # Folding that into a scale avoids reading x twice and summing two gradients of x.
         x_prev, input_scale = None, 2.0
-    if dropout_p > 0.0 and dropout_seed is None:
-        raise ValueError("dropout_p > 0 needs a dropout_seed")
+    seed = None
+    if dropout_p > 0.0:
+        if dropout_seed is None:
+            raise ValueError("dropout_p > 0 needs a dropout_seed")
+        seed = ops.seed_tensor(dropout_seed, x.device)
     y, z, x_sqnorm = FusedResLoRAFunction.apply(
         x,
         weight,
@@ -163,7 +169,7 @@ def fused_reslora_linear(
         float(scaling),
         input_scale,
         float(dropout_p),
-        int(dropout_seed or 0),
+        seed,
         compute_x_sqnorm,
     )
     return y, z, x_sqnorm

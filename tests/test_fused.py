@@ -9,7 +9,7 @@ from toy import SeedRecorder, ToyStack, oracle_params
 
 pytest.importorskip("triton")
 import reslora_kernels.ops as ops  # noqa: E402
-from reslora_kernels import functional, reference  # noqa: E402
+from reslora_kernels import functional, fused, reference  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
 
@@ -48,7 +48,8 @@ def test_fused_chain_matches_oracle(triton_backend, monkeypatch, dtype, mode, pr
     masks = None
     if p > 0:
         assert len(recorder.seeds) == length
-        masks = [ops.dropout_keep_mask(x0.shape, p, seed, KERNEL_DEVICE) for seed in recorder.seeds]
+        # The one mask definition: the reference's, which the kernels reproduce bit for bit.
+        masks = [reference.dropout_keep_mask(x0.shape, p, seed, KERNEL_DEVICE) for seed in recorder.seeds]
     scaling = model.blocks[0].scaling
     ys64, grads64, gx64 = oracle_grads(params, x0, scaling, mode, pre_num, masks, p, probes, torch.float64)
     ysl, gradsl, gxl = oracle_grads(params, x0, scaling, mode, pre_num, masks, p, probes, dtype)
@@ -86,8 +87,8 @@ def test_kernels_actually_run(triton_backend, monkeypatch):
 
 @pytest.mark.parametrize("mode", ["is", "ms", "bs"])
 def test_saved_tensors(triton_backend, mode):
-    """Saved for backward: x and x_prev by reference, u [M, r], parameters; never an [M, N]
-    tensor, a copy of an input, or a dropout mask."""
+    """Saved for backward: x and x_prev by reference, u [M, r], parameters, the 0-d dropout seed;
+    never an [M, N] tensor, a copy of an input, or a dropout mask."""
     M, K, N, R = 70, 24, 40, 8
     x = torch.randn(M, K, device=KERNEL_DEVICE, requires_grad=True)
     x_prev = torch.randn(M, K, device=KERNEL_DEVICE, requires_grad=True) if mode == "is" else None
@@ -100,8 +101,11 @@ def test_saved_tensors(triton_backend, mode):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y, z, _ = functional.reslora_linear(x, W, None, A, B, 2.0, x_prev=x_prev, z_prev=z_prev, dropout_p=0.1)
     inputs = {t.data_ptr() for t in (x, x_prev, W, A, B) if t is not None}
+    seeds = [t for t in saved if not t.dtype.is_floating_point]
+    assert [(t.dtype, t.dim()) for t in seeds] == [(torch.int64, 0)], "only the seed may be a non-float tensor"
+    assert seeds[0].device == x.device
+    saved = [t for t in saved if t.dtype.is_floating_point]
     for t in saved:
-        assert t.dtype.is_floating_point, f"a {t.dtype} tensor (a mask?) was saved"
         assert tuple(t.shape) != (M, N), "an [M, N] tensor was saved"
         if t.numel() >= M * K:
             assert t.data_ptr() in inputs, f"a copy {tuple(t.shape)} was saved instead of an input"
@@ -110,6 +114,34 @@ def test_saved_tensors(triton_backend, mode):
     assert sum(t.numel() for t in saved if t.data_ptr() not in inputs) == M * rank
     (y.sum() + z.sum()).backward()
     assert x.grad is not None and A.grad is not None
+
+
+def test_seed_as_int_or_device_tensor(triton_backend):
+    """An int seed and the same seed as a 0-d tensor draw the same mask; the tensor is saved for
+    backward by reference (no copy, never read on the host) and matches the reference backend."""
+    M, K, N, R = 9, 24, 16, 4
+    x = torch.randn(M, K, device=KERNEL_DEVICE, requires_grad=True)
+    W, b = torch.randn(N, K, device=KERNEL_DEVICE), torch.randn(N, device=KERNEL_DEVICE)
+    A = torch.randn(R, K, device=KERNEL_DEVICE, requires_grad=True)
+    B = torch.randn(N, R, device=KERNEL_DEVICE, requires_grad=True)
+    seed = torch.tensor(77, device=KERNEL_DEVICE)
+    results = []
+    for s in (77, seed):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y, z, _ = fused.fused_reslora_linear(x, W, b, A, B, 2.0, dropout_p=0.4, dropout_seed=s)
+        y.sum().backward()
+        results.append((y.detach(), z.detach(), x.grad.clone(), A.grad.clone()))
+        x.grad = A.grad = B.grad = None
+        if isinstance(s, torch.Tensor):
+            assert any(t is seed for t in saved), "the seed tensor was copied instead of saved"
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+    y_ref, z_ref, _ = reference.reslora_linear(x, W, b, A, B, 2.0, dropout_p=0.4, dropout_seed=seed)
+    assert_lowp_close(results[0][1], z_ref.double(), None, "z")
+    assert_lowp_close(results[0][0], y_ref.double(), None, "y")
+    with pytest.raises(ValueError, match="dropout_p > 0 needs a dropout_seed"):
+        fused.fused_reslora_linear(x, W, b, A, B, 2.0, dropout_p=0.4)
 
 
 def test_noncontiguous_input_and_leading_dims(triton_backend):

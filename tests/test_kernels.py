@@ -11,7 +11,7 @@ import torch
 from conftest import KERNEL_DEVICE, KERNEL_DTYPES, assert_lowp_close, rel_err
 
 pytest.importorskip("triton")
-from reslora_kernels import ops  # noqa: E402
+from reslora_kernels import ops, reference  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
 
@@ -39,10 +39,14 @@ def strided(t):
     return wide[:, ::2]
 
 
+def seed(value):
+    """A dropout seed as the launchers take it: a 0-d int64 tensor on the kernels' device."""
+    return torch.tensor(value, dtype=torch.int64, device=KERNEL_DEVICE)
+
+
 def keep(shape, p, seed):
-    if p == 0.0:
-        return torch.ones(shape, device=KERNEL_DEVICE, dtype=torch.bool)
-    return ops.dropout_keep_mask(shape, p, seed, KERNEL_DEVICE)
+    """The one dropout mask every backend draws: the reference's definition."""
+    return reference.dropout_keep_mask(shape, p, seed, KERNEL_DEVICE)
 
 
 @contextlib.contextmanager
@@ -70,7 +74,7 @@ def test_lora_down(dtype, shape, shortcut, p):
     x_prev = rand(M, K, dtype=dtype) if shortcut == "x_prev" else None
     input_scale = 2.0 if shortcut == "self" else 1.0
     z, sqnorm = ops.lora_down(
-        x, A, x_prev, input_scale=input_scale, dropout_p=p, dropout_seed=11, compute_x_sqnorm=True
+        x, A, x_prev, input_scale=input_scale, dropout_p=p, dropout_seed=seed(11), compute_x_sqnorm=True
     )
     mask = keep((M, K), p, 11)
 
@@ -122,7 +126,7 @@ def test_linear_lora_dx(dtype, shape, input_scale, p):
     grad_out, W = rand(M, N, dtype=dtype), rand(N, K, dtype=dtype, scale=0.2)
     g, A = rand(M, R, dtype=torch.float32), rand(R, K, dtype=dtype, scale=0.2)
     dx, dx_prev = ops.linear_lora_dx(
-        grad_out, W, g, A, input_scale=input_scale, dropout_p=p, dropout_seed=3, store_prev=True
+        grad_out, W, g, A, input_scale=input_scale, dropout_p=p, dropout_seed=seed(3), store_prev=True
     )
     mask = keep((M, K), p, 3)
 
@@ -132,7 +136,7 @@ def test_linear_lora_dx(dtype, shape, input_scale, p):
     assert_lowp_close(dx_prev, v(torch.float64), v(dtype), "dx_prev")
     dx_ref = grad_out.double() @ W.double() + v(torch.float64)
     assert_lowp_close(dx, dx_ref, grad_out @ W + v(dtype), "dx")
-    dx_only, none = ops.linear_lora_dx(grad_out, W, g, A, input_scale=input_scale, dropout_p=p, dropout_seed=3)
+    dx_only, none = ops.linear_lora_dx(grad_out, W, g, A, input_scale=input_scale, dropout_p=p, dropout_seed=seed(3))
     assert none is None and torch.equal(dx_only, dx)
 
 
@@ -146,7 +150,7 @@ def test_lora_grad_A(dtype, shape, has_prev, p, det):
     g, x = rand(M, R, dtype=torch.float32), rand(M, K, dtype=dtype)
     x_prev = rand(M, K, dtype=dtype) if has_prev else None
     with deterministic(det):
-        dA = ops.lora_grad_A(g, strided(x), x_prev, input_scale=1.0, dropout_p=p, dropout_seed=5)
+        dA = ops.lora_grad_A(g, strided(x), x_prev, input_scale=1.0, dropout_p=p, dropout_seed=seed(5))
     mask = keep((M, K), p, 5)
 
     def formula(dt):
@@ -168,6 +172,17 @@ def test_empty_batch():
     dx, _ = ops.linear_lora_dx(torch.empty(0, 8, device=KERNEL_DEVICE), W, g, A)
     assert dx.shape == (0, 24)
     assert torch.equal(ops.lora_grad_A(g, x), torch.zeros_like(A))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9])
+@pytest.mark.parametrize("value", [0, 1, 12345, 2**31 - 2])
+@pytest.mark.parametrize("shape", [(1, 1), (37, 53), (2, 3, 17), (70, 129), (5, 300)])
+def test_dropout_mask_is_the_reference_bit_for_bit(shape, value, p):
+    """The Triton mask (every kernel evaluates the same jit function on its tile) is the torch
+    definition of reference.dropout_keep_mask, element for element; int and tensor seeds agree."""
+    expected = reference.dropout_keep_mask(shape, p, value, KERNEL_DEVICE)
+    assert torch.equal(ops.dropout_keep_mask(shape, p, value, KERNEL_DEVICE), expected)
+    assert torch.equal(ops.dropout_keep_mask(shape, p, seed(value), KERNEL_DEVICE), expected)
 
 
 def test_dropout_mask_statistics_and_determinism():
@@ -194,3 +209,28 @@ def test_launcher_errors():
         ops.lora_down(x.double(), rand(4, 16, dtype=torch.float64))
     with pytest.raises(TypeError, match="g must be float32"):
         ops.lora_grad_A(rand(8, 4, dtype=torch.float16), x)
+
+
+def test_dropout_seed_errors():
+    x, A = rand(8, 16, dtype=torch.float32), rand(4, 16, dtype=torch.float32)
+    with pytest.raises(ValueError, match="dropout_p > 0 needs a dropout_seed"):
+        ops.lora_down(x, A, dropout_p=0.1)
+    with pytest.raises(TypeError, match=r"dropout_seed must be a 0-d int64 tensor, got int"):
+        ops.lora_down(x, A, dropout_p=0.1, dropout_seed=3)
+    with pytest.raises(TypeError, match=r"dropout_seed must be a 0-d int64 tensor, got torch.int32 \(1,\)"):
+        ops.lora_grad_A(rand(8, 4, dtype=torch.float32), x, dropout_p=0.1, dropout_seed=torch.tensor([3]).int())
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\), got 1.0"):
+        ops.linear_lora_dx(
+            rand(8, 6, dtype=torch.float32),
+            rand(6, 16, dtype=torch.float32),
+            rand(8, 4, dtype=torch.float32),
+            A,
+            dropout_p=1.0,
+        )
+    with pytest.raises(TypeError, match="dropout_seed must be an int or a 0-d integer tensor, got float"):
+        ops.seed_tensor(1.5, KERNEL_DEVICE)
+    with pytest.raises(TypeError, match=r"dropout_seed must be an int or a 0-d integer tensor, got torch.float32 \(\)"):
+        ops.seed_tensor(torch.tensor(1.0), KERNEL_DEVICE)
+    if KERNEL_DEVICE == "cuda":
+        with pytest.raises(ValueError, match="device mismatch: dropout_seed is on cpu"):
+            ops.lora_down(x, A, dropout_p=0.1, dropout_seed=torch.tensor(3))

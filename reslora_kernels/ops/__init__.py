@@ -8,7 +8,7 @@ activation multiplied by ``lora_B``, ``grad_out [M, N]``.
 """
 
 from ._common import INTERPRETED
-from .dropout import dropout_keep_mask
+from .dropout import dropout_keep_mask, seed_tensor
 from .fold import fold_lora_
 from .linear_lora_dx import linear_lora_dx
 from .linear_lora_fwd import linear_lora_fwd
@@ -19,6 +19,7 @@ from .lora_grad_out import lora_grad_out
 __all__ = [
     "INTERPRETED",
     "dropout_keep_mask",
+    "seed_tensor",
     "lora_down",
     "linear_lora_fwd",
     "lora_grad_out",

@@ -1,4 +1,4 @@
-"""Helpers shared by the launchers: interpreter detection, dot precision, dropout parameters."""
+"""Helpers shared by the launchers: interpreter detection, dot precision, input checks."""
 
 from __future__ import annotations
 
@@ -21,12 +21,6 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
-
-
-def dropout_args(p: float) -> tuple[int, float]:
-    """``(threshold, scale)`` of the kernels' dropout: an element is kept when its 31-bit Philox
-    draw is >= ``threshold = p * 2^31``, and kept elements are multiplied by ``1 / (1 - p)``."""
-    return min(int(p * 2**31), 2**31 - 1), 1.0 / (1.0 - p)
 
 
 def rank_block(rank: int) -> int:

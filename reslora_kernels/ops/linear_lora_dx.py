@@ -13,9 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_2d, check_same, dot_precision, dropout_args, pick, rank_block
+from ._common import check_2d, check_same, dot_precision, pick, rank_block
 from ._jit import grouped_tile
-from .dropout import keep_mask
+from .dropout import dropout_args, keep_mask
 
 
 def _configs():
@@ -34,7 +34,7 @@ def _configs():
 
 
 @triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "R"])
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _linear_lora_dx_kernel(
     grad_out_ptr,
     w_ptr,
@@ -59,7 +59,7 @@ def _linear_lora_dx_kernel(
     stride_dk,
     stride_pm,
     stride_pk,
-    seed,
+    seed_ptr,
     drop_threshold,
     drop_scale,
     input_scale,
@@ -83,6 +83,10 @@ def _linear_lora_dx_kernel(
     row_ok = offs_m < M
     col_ok = offs_k < K
 
+    # The seed lives on the device: loading it here keeps the host from ever reading it.
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -133,7 +137,7 @@ def linear_lora_dx(
     *,
     input_scale: float = 1.0,
     dropout_p: float = 0.0,
-    dropout_seed: int = 0,
+    dropout_seed: torch.Tensor | None = None,
     store_prev: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(dx, dx_prev)`` for 2-D ``grad_out [M, N]`` and the rank-space gradient ``g [M, R]``
@@ -156,7 +160,7 @@ def linear_lora_dx(
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
 
-    threshold, scale = dropout_args(dropout_p)
+    seed_arg, threshold, scale = dropout_args(dropout_p, dropout_seed, grad_out)
     prev = dx_prev if dx_prev is not None else dx
     _linear_lora_dx_kernel[grid](
         grad_out,
@@ -182,7 +186,7 @@ def linear_lora_dx(
         dx.stride(1),
         prev.stride(0),
         prev.stride(1),
-        dropout_seed,
+        seed_arg,
         threshold,
         scale,
         float(input_scale),

@@ -2,7 +2,7 @@
 ``z = drop(s_in * (x [+ x_prev])) A^T`` and, as a by-product, ``||x||_F^2``.
 
 ``x + x_prev`` is formed in registers and never materialised; the dropout mask comes from the
-Philox seed. ``s_in = 2`` covers the first block of an input-shortcut chain, whose ``x_prev`` is
+dropout seed. ``s_in = 2`` covers the first block of an input-shortcut chain, whose ``x_prev`` is
 its own input.
 """
 
@@ -12,8 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_2d, check_same, dot_precision, dropout_args, pick, rank_block
+from ._common import check_2d, check_same, dot_precision, pick, rank_block
 from ._jit import lora_input_tile
+from .dropout import dropout_args
 
 
 def _configs():
@@ -28,7 +29,7 @@ def _configs():
 
 # reset_to_zero: configs differ in BLOCK_M, so a tuning run must not leave partial sums behind.
 @triton.autotune(configs=_configs(), key=["M_BUCKET", "K", "R"], reset_to_zero=["sqnorm_ptr"])
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _lora_down_kernel(
     x_ptr,
     x_prev_ptr,
@@ -47,7 +48,7 @@ def _lora_down_kernel(
     stride_ak,
     stride_zm,
     stride_zr,
-    seed,
+    seed_ptr,
     drop_threshold,
     drop_scale,
     input_scale,
@@ -65,6 +66,10 @@ def _lora_down_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     rows = offs_m.to(tl.int64)  # row * stride can pass 2^31 elements
+    # The seed lives on the device: loading it here keeps the host from ever reading it.
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     sq = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -110,7 +115,7 @@ def lora_down(
     *,
     input_scale: float = 1.0,
     dropout_p: float = 0.0,
-    dropout_seed: int = 0,
+    dropout_seed: torch.Tensor | None = None,
     compute_x_sqnorm: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``z = drop(input_scale * (x [+ x_prev])) @ lora_A^T`` for 2-D ``x [M, K]``; returns
@@ -131,7 +136,7 @@ def lora_down(
 
     # One partial per M tile; the smallest BLOCK_M of the configs bounds how many there can be.
     partials = torch.zeros(triton.cdiv(M, 32), device=x.device, dtype=torch.float32) if compute_x_sqnorm else None
-    threshold, scale = dropout_args(dropout_p)
+    seed_arg, threshold, scale = dropout_args(dropout_p, dropout_seed, x)
     prev = x_prev if x_prev is not None else x
     _lora_down_kernel[grid](
         x,
@@ -151,7 +156,7 @@ def lora_down(
         lora_A.stride(1),
         z.stride(0),
         z.stride(1),
-        dropout_seed,
+        seed_arg,
         threshold,
         scale,
         float(input_scale),

@@ -1,5 +1,5 @@
 """The LoRA-A gradient: ``dA = g^T drop(s_in * (x [+ x_prev]))``, the LoRA input rebuilt from
-``x`` (and ``x_prev``) and the Philox seed instead of being saved in forward.
+``x`` (and ``x_prev``) and the dropout seed instead of being saved in forward.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from ._common import (
     check_same,
     deterministic,
     dot_precision,
-    dropout_args,
     pick,
     rank_block,
     sm_count,
 )
 from ._jit import lora_input_tile
+from .dropout import dropout_args
 
 
 def _configs():
@@ -33,7 +33,7 @@ def _configs():
 
 
 @triton.autotune(configs=_configs(), key=["M_BUCKET", "K", "R", "SPLIT_M"], reset_to_zero=["da_ptr"])
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _lora_grad_a_kernel(
     g_ptr,
     x_ptr,
@@ -51,7 +51,7 @@ def _lora_grad_a_kernel(
     stride_xk,
     stride_pm,
     stride_pk,
-    seed,
+    seed_ptr,
     drop_threshold,
     drop_scale,
     input_scale,
@@ -72,6 +72,10 @@ def _lora_grad_a_kernel(
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     col_ok = offs_k < K
     rank_ok = offs_r < R
+    # The seed lives on the device: loading it here keeps the host from ever reading it.
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     row_start = pid_s * ROWS_PER_SPLIT
     row_end = min(row_start + ROWS_PER_SPLIT, M)
@@ -121,7 +125,7 @@ def lora_grad_A(
     *,
     input_scale: float = 1.0,
     dropout_p: float = 0.0,
-    dropout_seed: int = 0,
+    dropout_seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``dA = g^T @ drop(input_scale * (x [+ x_prev]))`` for ``g [M, R]`` (float32) and 2-D
     ``x [M, K]``, in x's dtype."""
@@ -148,7 +152,7 @@ def lora_grad_A(
     rows_per_split = triton.cdiv(M, split)
     det = deterministic()
     da = torch.zeros((split, R, K) if det else (R, K), device=x.device, dtype=torch.float32)
-    threshold, scale = dropout_args(dropout_p)
+    seed_arg, threshold, scale = dropout_args(dropout_p, dropout_seed, x)
     prev = x_prev if x_prev is not None else x
 
     def grid(meta):
@@ -171,7 +175,7 @@ def lora_grad_A(
         x.stride(1),
         prev.stride(0),
         prev.stride(1),
-        dropout_seed,
+        seed_arg,
         threshold,
         scale,
         float(input_scale),
