@@ -243,3 +243,25 @@ def test_concurrent_passes_from_threads(mode, pre_num):
     assert not errors, errors[:3]
     assert len(results) == len(inputs)
     assert all(torch.equal(results[i], expected[i]) for i in range(len(inputs)))
+
+
+@pytest.mark.parametrize("pre_num", [1, 2, -1])
+@pytest.mark.parametrize("mode", ["is", "ms"])
+def test_what_a_checkpointed_pass_keeps(mode, pre_num):
+    """The extra memory of checkpointing, exactly: is keeps the input of every block but the last
+    (by reference: the tensor the layer received), ms one [M, r] tensor per block but the last."""
+    length, features, rank, rows = 4, 6, 3, 5
+    model = ToyStack(length, features, mode, pre_num, rank=rank, checkpoint="non-reentrant").train()
+    inputs = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda mod, args: inputs.append(args[0]))
+    ys = model(torch.randn(rows, features, dtype=torch.float64, requires_grad=True))
+    (pending,) = list(model.blocks[0].chain._awaiting_backward)
+    assert sorted(pending.records) == list(range(length - 1))
+    for n, kept in pending.records.items():
+        if mode == "is":
+            assert kept is inputs[n]
+        else:
+            assert kept.shape == (rows, rank)
+    sum(y.sum() for y in ys).backward()
+    assert not pending.records
