@@ -1,4 +1,9 @@
-"""Put ResLoRA into a model: replace the target linear layers, link their chains, summarise."""
+"""Put ResLoRA into a model: replace the target linear layers, link their chains, summarise.
+
+:func:`apply_reslora` works in two steps: :func:`plan_reslora` decides everything (targets,
+chains, warnings) and raises on any problem without touching the model; the plan is then carried
+out inside a :class:`ModelTransaction`, which puts everything back should a step still fail.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,24 @@ import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from .chain import link_chain
 from .config import ResLoRAConfig
 from .layer import FusedResLoRALinear
 
-__all__ = ["apply_reslora", "chain_key", "reslora_blocks", "reslora_summary", "ResLoRASummary"]
+__all__ = [
+    "apply_reslora",
+    "chain_key",
+    "plan_reslora",
+    "ApplyPlan",
+    "ModelTransaction",
+    "reslora_blocks",
+    "reslora_summary",
+    "ResLoRASummary",
+]
 
 
 def chain_key(module_name: str) -> str:
@@ -37,6 +53,263 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), child, module)
 
 
+class ModelTransaction:
+    """An undo log for changes to a model. Used as ``with ModelTransaction(model) as tx:``; every
+    change made through it (module swaps, ``requires_grad`` flags, tensor values, attributes) is
+    undone, newest first, if the block raises, so that a failed operation leaves the model as it was."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._undo: list = []
+
+    def __enter__(self) -> "ModelTransaction":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            for undo in reversed(self._undo):
+                undo()
+        self._undo.clear()
+        return False
+
+    def set_module(self, name: str, module: nn.Module) -> None:
+        old = self.model.get_submodule(name)
+        set_module(self.model, name, module)
+        self._undo.append(lambda: set_module(self.model, name, old))
+
+    def freeze_all(self) -> None:
+        """``requires_grad_(False)`` on every parameter of the model."""
+        flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        self._undo.append(lambda: [p.requires_grad_(flag) for p, flag in flags])
+        self.model.requires_grad_(False)
+
+    @torch.no_grad()
+    def copy_(self, target: torch.Tensor, source: torch.Tensor) -> None:
+        old = target.detach().clone()
+        self._undo.append(lambda: target.copy_(old))
+        target.copy_(source)
+
+    def set_data(self, param: torch.Tensor, data: torch.Tensor) -> None:
+        """``param.data = data``: the Parameter object (and whoever holds it) stays, its values change."""
+        old = param.data
+        self._undo.append(lambda: setattr(param, "data", old))
+        param.data = data
+
+    def setattr(self, obj: object, name: str, value: object) -> None:
+        missing = object()
+        old = obj.__dict__.get(name, missing)
+
+        def undo():
+            if old is missing:
+                obj.__dict__.pop(name, None)
+            else:
+                obj.__dict__[name] = old
+
+        self._undo.append(undo)
+        obj.__dict__[name] = value
+
+    def delattr(self, obj: object, name: str) -> None:
+        if name in obj.__dict__:
+            self.setattr(obj, name, None)
+            del obj.__dict__[name]
+
+
+def base_layer_problem(name: str, module: nn.Module) -> str | None:
+    """Why ``module`` cannot become a ResLoRA block (``None``: it can). ResLoRA replaces the module
+    by one computing ``x W^T + b`` plus the LoRA branch, so anything the module does beyond that
+    would be lost silently: such modules are refused."""
+    if isinstance(module, FusedResLoRALinear):
+        return f"{name} is already a ResLoRA layer"
+    if not isinstance(module, nn.Linear):
+        return f"{name} is a {type(module).__name__}, not an nn.Linear"
+    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return (
+            f"{name} is the output projection of an nn.MultiheadAttention, which reads its weight "
+            "directly and never calls its forward: a LoRA there would be ignored. Exclude it from target_modules"
+        )
+    if parametrize.is_parametrized(module):
+        return (
+            f"{name} is parametrized (torch.nn.utils.parametrize, e.g. weight_norm): its weight is computed "
+            "on every forward. Remove the parametrization (parametrize.remove_parametrizations) first"
+        )
+    if type(module).forward is not nn.Linear.forward or "forward" in vars(module):
+        return f"{name} ({type(module).__name__}) has a forward of its own, which a ResLoRA layer would not run"
+    hooks = [
+        kind
+        for kind in ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+        if getattr(module, kind, None)
+    ]
+    if hooks:
+        return f"{name} has module hooks ({', '.join(hooks)}), which the ResLoRA layer replacing it would not run"
+    if not isinstance(module.weight, nn.Parameter) or not module.weight.is_floating_point():
+        weight = module.weight
+        return f"{name}.weight is a {type(weight).__name__} of {weight.dtype}, not a floating-point Parameter"
+    return None
+
+
+@dataclass
+class ApplyPlan:
+    """What :func:`apply_reslora` will do to a model, decided before anything changes."""
+
+    config: ResLoRAConfig
+    #: (every name the module has in the model, the module), in model order.
+    targets: list[tuple[list[str], nn.Module]]
+    #: (chain name, the first names of its blocks in chain order), chains of two or more blocks.
+    chains: list[tuple[str, list[str]]]
+    warnings: list[str] = field(default_factory=list)
+
+
+def _module_names(model: nn.Module) -> dict[int, list[str]]:
+    # remove_duplicate=False: a module reachable under two names must be replaced under both.
+    names: dict[int, list[str]] = defaultdict(list)
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if name:
+            names[id(mod)].append(name)
+    return names
+
+
+def _check_model(model: nn.Module, config: ResLoRAConfig) -> None:
+    if not isinstance(config, ResLoRAConfig):
+        raise TypeError(f"config must be a ResLoRAConfig, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if any(isinstance(mod, FusedResLoRALinear) for mod in model.modules()):
+        raise ValueError("the model already has ResLoRA layers; merge_and_unload it first or load into it")
+    if isinstance(model, nn.Linear):
+        raise TypeError(
+            "apply_reslora replaces submodules; wrap a single nn.Linear with FusedResLoRALinear.from_linear"
+        )
+
+
+def plan_reslora(
+    model: nn.Module,
+    config: ResLoRAConfig,
+    *,
+    block_names: list[str] | None = None,
+    chains: list[tuple[str, list[str]]] | None = None,
+) -> ApplyPlan:
+    """Decide what :func:`apply_reslora` does to ``model`` (targets, chains, warnings) without
+    changing it; every error :func:`apply_reslora` can raise for this model is raised here.
+
+    ``block_names`` and ``chains`` (what :func:`reslora_kernels.load_reslora` read from a file)
+    replace the target matching and the chain forming: exactly those modules become blocks,
+    linked exactly so."""
+    _check_model(model, config)
+    names = _module_names(model)
+    if block_names is not None:
+        targets = _named_targets(model, names, block_names)
+    else:
+        targets = _matched_targets(model, names, config)
+    if chains is not None:
+        return ApplyPlan(config=config, targets=targets, chains=_checked_chains(targets, chains))
+    chains, notes = _form_chains(config, [(names_[0], mod) for names_, mod in targets])
+    return ApplyPlan(config=config, targets=targets, chains=chains, warnings=notes)
+
+
+def _matched_targets(model, names, config) -> list[tuple[list[str], nn.Module]]:
+    if config.target_modules is None:
+        raise ValueError(
+            "ResLoRAConfig.target_modules is not set; the model's nn.Linear modules are: "
+            + ", ".join(_linear_patterns(model))
+        )
+    targets: list[tuple[list[str], nn.Module]] = []
+    seen: set[int] = set()
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if not name or id(mod) in seen or not isinstance(mod, nn.Linear) or not config.matches(name):
+            continue
+        problem = base_layer_problem(name, mod)
+        if problem is not None:
+            raise ValueError(problem)
+        seen.add(id(mod))
+        targets.append((names[id(mod)], mod))
+    if not targets:
+        raise ValueError(
+            f"no nn.Linear in the model matches target_modules={config.target_modules!r}; "
+            f"its nn.Linear modules are: {', '.join(_linear_patterns(model)) or '(none)'}"
+        )
+    return targets
+
+
+def _named_targets(model, names, block_names) -> list[tuple[list[str], nn.Module]]:
+    modules = dict(model.named_modules(remove_duplicate=False))
+    targets = []
+    for name in block_names:
+        mod = modules.get(name) if name else None
+        if mod is None:
+            raise ValueError(f"the model has no module {name!r}")
+        problem = base_layer_problem(name, mod)
+        if problem is not None:
+            raise ValueError(problem)
+        if names[id(mod)][0] != name:
+            raise ValueError(f"{name} is the module {names[id(mod)][0]} under a second name")
+        targets.append((names[id(mod)], mod))
+    return targets
+
+
+def _checked_chains(targets, chains) -> list[tuple[str, list[str]]]:
+    by_name = {names[0]: mod for names, mod in targets}
+    linked: set[str] = set()
+    for chain_name, members in chains:
+        for member in members:
+            if member not in by_name:
+                raise ValueError(f"chain {chain_name!r} links {member}, which is not one of the blocks")
+            if member in linked:
+                raise ValueError(f"{member} is in two chains")
+            linked.add(member)
+        shapes = {_features(by_name[m]) for m in members}
+        if len(members) < 2 or len(shapes) > 1:
+            raise ValueError(f"chain {chain_name!r} needs two or more blocks of one shape, got {members}")
+    return [(chain_name, list(members)) for chain_name, members in chains]
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of a base layer."""
+    return module.in_features, module.out_features
+
+
+def _form_chains(
+    config: ResLoRAConfig, blocks: list[tuple[str, nn.Module]]
+) -> tuple[list[tuple[str, list[str]]], list[str]]:
+    """The chains of ``blocks`` (name, base module, in model order): one per :func:`chain_key`,
+    split where the (in, out) shape changes. Returns the chains of two or more blocks and the
+    warnings to give."""
+    if config.mode == "none":
+        return [], []
+    groups: dict[str, list[tuple[str, nn.Module]]] = defaultdict(list)
+    for name, mod in blocks:
+        groups[chain_key(name)].append((name, mod))
+    chains: list[tuple[str, list[str]]] = []
+    notes: list[str] = []
+    for key, members in groups.items():
+        runs = [[members[0]]]
+        for (prev_name, prev), (name, cur) in zip(members, members[1:]):
+            if _features(cur) != _features(prev):
+                notes.append(
+                    f"ResLoRA: {name} ({cur.in_features}->{cur.out_features}) differs in shape "
+                    f"from {prev_name} ({prev.in_features}->{prev.out_features}); a new chain starts at {name}"
+                )
+                runs.append([])
+            runs[-1].append((name, cur))
+        for i, run in enumerate(runs):
+            if len(run) > 1:
+                chains.append((key if i == 0 else f"{key}#{i}", [name for name, _ in run]))
+    return chains, notes
+
+
+def execute_plan(model: nn.Module, plan: ApplyPlan, tx: ModelTransaction) -> dict[str, FusedResLoRALinear]:
+    """Carry out ``plan`` on ``model`` through ``tx``; returns the new blocks by first name."""
+    config = plan.config
+    tx.freeze_all()  # first: building a block freezes its base weight
+    layers = {names[0]: FusedResLoRALinear.from_linear(mod, **config.layer_kwargs()) for names, mod in plan.targets}
+    for names, _ in plan.targets:
+        for name in names:
+            tx.set_module(name, layers[names[0]])
+    for chain_name, members in plan.chains:
+        link_chain([layers[m] for m in members], name=chain_name, block_names=members)
+    tx.setattr(model, "reslora_config", config)
+    return layers
+
+
 def apply_reslora(model: nn.Module, config: ResLoRAConfig) -> nn.Module:
     """Put ResLoRA into ``model`` in place and return it.
 
@@ -46,71 +319,16 @@ def apply_reslora(model: nn.Module, config: ResLoRAConfig) -> nn.Module:
     position), in model order; where a block's (in, out) shape differs from its predecessor's a new
     chain starts, with a warning naming both modules. Works on any ``nn.Module``, HuggingFace
     models included. :func:`reslora_summary` reports what was replaced.
+
+    Atomic: everything is checked first (the settings, the targets and their types: a module with
+    a forward or hooks of its own, a parametrized or non-float weight is refused), and should a
+    later step fail the model is left exactly as it was.
     """
-    if not isinstance(config, ResLoRAConfig):
-        raise TypeError(f"config must be a ResLoRAConfig, got {type(config).__name__}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if config.target_modules is None:
-        raise ValueError(
-            "ResLoRAConfig.target_modules is not set; the model's nn.Linear modules are: "
-            + ", ".join(_linear_patterns(model))
-        )
-    if any(isinstance(mod, FusedResLoRALinear) for mod in model.modules()):
-        raise ValueError("the model already has ResLoRA layers; merge_and_unload it first or load into it")
-    if isinstance(model, nn.Linear):
-        raise TypeError(
-            "apply_reslora replaces submodules; wrap a single nn.Linear with FusedResLoRALinear.from_linear"
-        )
-
-    # remove_duplicate=False: a Linear reachable under two names must be replaced under both.
-    targets: dict[int, list[str]] = {}
-    modules: dict[int, nn.Linear] = {}
-    for name, mod in model.named_modules(remove_duplicate=False):
-        if name and isinstance(mod, nn.Linear) and config.matches(name):
-            if isinstance(mod, nn.modules.linear.NonDynamicallyQuantizableLinear):
-                raise ValueError(
-                    f"{name} is the output projection of an nn.MultiheadAttention, which reads its weight "
-                    "directly and never calls its forward: a LoRA there would be ignored. "
-                    "Exclude it from target_modules"
-                )
-            targets.setdefault(id(mod), []).append(name)
-            modules[id(mod)] = mod
-    if not targets:
-        raise ValueError(
-            f"no nn.Linear in the model matches target_modules={config.target_modules!r}; "
-            f"its nn.Linear modules are: {', '.join(_linear_patterns(model)) or '(none)'}"
-        )
-
-    model.requires_grad_(False)
-    ordered: list[tuple[str, FusedResLoRALinear]] = []
-    for key, names in targets.items():
-        layer = FusedResLoRALinear.from_linear(modules[key], **config.layer_kwargs())
-        for name in names:
-            set_module(model, name, layer)
-        ordered.append((names[0], layer))
-
-    if config.mode != "none":
-        groups: dict[str, list[tuple[str, FusedResLoRALinear]]] = defaultdict(list)
-        for name, layer in ordered:
-            groups[chain_key(name)].append((name, layer))
-        for key, members in groups.items():
-            runs = [[members[0]]]
-            for prev, cur in zip(members, members[1:]):
-                prev_layer, cur_layer = prev[1], cur[1]
-                if (cur_layer.in_features, cur_layer.out_features) != (prev_layer.in_features, prev_layer.out_features):
-                    warnings.warn(
-                        f"ResLoRA: {cur[0]} ({cur_layer.in_features}->{cur_layer.out_features}) differs in shape "
-                        f"from {prev[0]} ({prev_layer.in_features}->{prev_layer.out_features}); "
-                        f"a new chain starts at {cur[0]}",
-                        stacklevel=2,
-                    )
-                    runs.append([])
-                runs[-1].append(cur)
-            for i, run in enumerate(runs):
-                name = key if i == 0 else f"{key}#{i}"
-                link_chain([layer for _, layer in run], name=name, block_names=[n for n, _ in run])
-    model.reslora_config = config
+    plan = plan_reslora(model, config)
+    with ModelTransaction(model) as tx:
+        execute_plan(model, plan, tx)
+    for note in plan.warnings:
+        warnings.warn(note, UserWarning, stacklevel=2)
     return model
 
 

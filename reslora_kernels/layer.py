@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections import OrderedDict
 from typing import Callable
 
@@ -14,7 +15,14 @@ from . import functional, reference
 from .chain import ResLoRAChain
 from .config import validate_settings
 
-__all__ = ["FusedResLoRALinear"]
+__all__ = ["FusedResLoRALinear", "is_conv1d"]
+
+
+def is_conv1d(module: object) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2's linear layer, weight ``[in, out]``).
+    Checked without importing transformers: a model holding one has imported it already."""
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
 
 
 class FusedResLoRALinear(nn.Linear):
@@ -71,11 +79,29 @@ class FusedResLoRALinear(nn.Linear):
         pre_num: int = 1,
         norm_window: int = 100,
     ) -> "FusedResLoRALinear":
-        """Wrap ``linear``: its ``weight`` and ``bias`` Parameters are reused (not copied) and frozen."""
+        """Wrap ``linear``: its ``weight`` and ``bias`` Parameters are reused (not copied) and frozen;
+        :func:`reslora_kernels.merge_and_unload` gives ``linear`` itself back, folded."""
+        if is_conv1d(linear):
+            raise TypeError(
+                "from_linear got a transformers Conv1D (weight [in, out]): use FusedResLoRAConv1D.from_conv1d"
+            )
         if not isinstance(linear, nn.Linear) or isinstance(linear, FusedResLoRALinear):
             raise TypeError(f"from_linear needs a plain nn.Linear, got {type(linear).__name__}")
+        return cls._wrap(linear, rank, alpha, dropout, mode, pre_num, norm_window)
+
+    @classmethod
+    def _wrap(cls, base, rank, alpha, dropout, mode, pre_num, norm_window) -> "FusedResLoRALinear":
+        weight = base.weight
+        if not isinstance(weight, nn.Parameter) or not weight.is_floating_point():
+            raise TypeError(
+                f"a ResLoRA base layer needs a floating-point weight Parameter, got a {type(weight).__name__} "
+                f"of {getattr(weight, 'dtype', None)}"
+            )
         layer = cls.__new__(cls)
-        layer._setup(linear.weight, linear.bias, rank, alpha, dropout, mode, pre_num, norm_window)
+        layer._setup(weight, base.bias, rank, alpha, dropout, mode, pre_num, norm_window)
+        # Kept, unregistered (its Parameters are the layer's), so that a merge puts this very module
+        # back: its type, attributes and hooks.
+        object.__setattr__(layer, "_original_module", base)
         layer.reset_lora_parameters()
         return layer
 
@@ -102,8 +128,9 @@ class FusedResLoRALinear(nn.Linear):
         if mode in ("is", "ms"):
             # Ring buffer of ||x||^2 (is) or ||z||^2 (ms) per training forward, kept on the device
             # so that recording never waits for the GPU; read only when merging.
-            self.register_buffer("norm_sq_window", torch.zeros(norm_window, device=weight.device, dtype=torch.float32))
-            self.register_buffer("norm_count", torch.zeros((), device=weight.device, dtype=torch.int64))
+            on = {"device": weight.device}
+            self.register_buffer("norm_sq_window", torch.zeros(norm_window, dtype=torch.float32, **on))
+            self.register_buffer("norm_count", torch.zeros((), dtype=torch.int64, **on))
         self._shortcut_hooks: OrderedDict[int, Callable] = OrderedDict()  # RemovableHandle needs a weakref-able dict
         ResLoRAChain([self])
 
@@ -126,6 +153,13 @@ class FusedResLoRALinear(nn.Linear):
         window = self._buffers.get("norm_sq_window")
         if window is not None and window.dtype != torch.float32:
             self._buffers["norm_sq_window"] = window.float()
+        # The original module (what a merge gives back) follows the Parameters, should _apply have
+        # replaced them instead of changing them in place.
+        original = self.__dict__.get("_original_module")
+        if original is not None:
+            for name in ("weight", "bias"):
+                if self._parameters.get(name) is not None:
+                    original._parameters[name] = self._parameters[name]
         return self
 
     @property
