@@ -28,6 +28,7 @@ __all__ = [
     "reslora_blocks",
     "reslora_summary",
     "ResLoRASummary",
+    "skipped_norms",
 ]
 
 
@@ -332,6 +333,17 @@ def apply_reslora(model: nn.Module, config: ResLoRAConfig) -> nn.Module:
     return model
 
 
+def skipped_norms(blocks: list[tuple[str, FusedResLoRALinear]]) -> dict[str, int]:
+    """Block name -> how many of its training forwards had an Inf/NaN norm, which the merge
+    statistics left out; only blocks with at least one. Reads the device."""
+    counts = {}
+    for name, block in blocks:
+        count = block._buffers.get("norm_nonfinite")
+        if count is not None and int(count) > 0:
+            counts[name] = int(count)
+    return counts
+
+
 @dataclass
 class ResLoRASummary:
     """What :func:`apply_reslora` did to a model."""
@@ -340,6 +352,9 @@ class ResLoRASummary:
     chains: dict[str, list[str]] = field(default_factory=dict)
     trainable_params: int = 0
     total_params: int = 0
+    #: Block name -> training forwards whose input (is) or z (ms) norm was Inf/NaN and was left
+    #: out of the merge statistics (blocks with none are not listed).
+    skipped_norms: dict[str, int] = field(default_factory=dict)
 
     def __str__(self) -> str:
         pct = 100.0 * self.trainable_params / max(self.total_params, 1)
@@ -349,11 +364,18 @@ class ResLoRASummary:
         ]
         for name, members in self.chains.items():
             lines.append(f"  chain {name}: {len(members)} blocks ({members[0]} ... {members[-1]})")
+        if self.skipped_norms:
+            total = sum(self.skipped_norms.values())
+            lines.append(
+                f"non-finite norms left out of the merge statistics: {total} "
+                f"({', '.join(f'{name}: {n}' for name, n in self.skipped_norms.items())})"
+            )
         return "\n".join(lines)
 
 
 def reslora_summary(model: nn.Module) -> ResLoRASummary:
-    """The replaced layers, the chains (name -> block names in order) and the parameter counts."""
+    """The replaced layers, the chains (name -> block names in order), the parameter counts and
+    the non-finite norms the merge statistics left out."""
     blocks = reslora_blocks(model)
     names = {id(layer): name for name, layer in blocks}
     chains: dict[str, list[str]] = {}
@@ -367,4 +389,5 @@ def reslora_summary(model: nn.Module) -> ResLoRASummary:
         chains=chains,
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
         total_params=sum(p.numel() for p in params),
+        skipped_norms=skipped_norms(blocks),
     )

@@ -127,10 +127,12 @@ class FusedResLoRALinear(nn.Linear):
         self.lora_B = nn.Parameter(torch.empty((self.out_features, rank), **factory))
         if mode in ("is", "ms"):
             # Ring buffer of ||x||^2 (is) or ||z||^2 (ms) per training forward, kept on the device
-            # so that recording never waits for the GPU; read only when merging.
+            # so that recording never waits for the GPU; read only when merging. norm_nonfinite
+            # counts the forwards whose norm was Inf/NaN and was therefore left out.
             on = {"device": weight.device}
             self.register_buffer("norm_sq_window", torch.zeros(norm_window, dtype=torch.float32, **on))
             self.register_buffer("norm_count", torch.zeros((), dtype=torch.int64, **on))
+            self.register_buffer("norm_nonfinite", torch.zeros((), dtype=torch.int64, **on))
         self._shortcut_hooks: OrderedDict[int, Callable] = OrderedDict()  # RemovableHandle needs a weakref-able dict
         ResLoRAChain([self])
 
@@ -212,14 +214,21 @@ class FusedResLoRALinear(nn.Linear):
     @torch.no_grad()
     def _record_norm(self, sqnorm: torch.Tensor) -> None:
         # Device-side slot arithmetic: no .item(), so a CUDA forward never waits for the host.
+        # A non-finite norm (an overflowing step) is not recorded: its slot keeps the value it had,
+        # norm_count does not advance, and norm_nonfinite counts it instead.
+        sqnorm = sqnorm.reshape(1).to(self.norm_sq_window.dtype)
+        finite = torch.isfinite(sqnorm)
         slot = torch.remainder(self.norm_count, self.norm_window).view(1)
-        self.norm_sq_window.index_copy_(0, slot, sqnorm.view(1).to(self.norm_sq_window.dtype))
-        self.norm_count.add_(1)
+        kept = torch.where(finite, sqnorm, self.norm_sq_window.index_select(0, slot))
+        self.norm_sq_window.index_copy_(0, slot, kept)
+        self.norm_count.add_(finite.view(()).to(self.norm_count.dtype))
+        self.norm_nonfinite.add_((~finite).view(()).to(self.norm_nonfinite.dtype))
 
     def recorded_norm_mean(self) -> float:
         """Mean Frobenius norm of the block's input (is) or down-projection ``z`` (ms) over the
-        last ``norm_window`` training forwards; zero norms are skipped as in the authors' code,
-        and 0.0 means nothing was recorded. Reads the device (merge time only)."""
+        last ``norm_window`` training forwards whose norm was finite (Inf/NaN norms are left out
+        and counted in ``norm_nonfinite``); zero norms are skipped as in the authors' code, and
+        0.0 means nothing was recorded. Reads the device (merge time only)."""
         if self.mode not in ("is", "ms"):
             raise ValueError(f"mode {self.mode!r} records no norm statistics")
         filled = min(int(self.norm_count), self.norm_window)

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from . import functional
-from .apply import ModelTransaction, reslora_blocks, set_module
+from .apply import ModelTransaction, reslora_blocks, set_module, skipped_norms
 from .layer import FusedResLoRALinear
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ __all__ = [
     "folded_weight",
     "merge_and_unload",
     "merge_report",
+    "MergeReport",
 ]
 
 MERGE_METHODS = ("auto", "exact", "input_norm", "weight_norm", "lstsq")
@@ -96,6 +97,13 @@ def input_norm_coefficients(chain: "ResLoRAChain") -> list[float]:
                 "records: they were set by hand or loaded from a damaged file. Reset them "
                 "(block.norm_sq_window.zero_(); block.norm_count.zero_()) or use another merge method"
             )
+    skipped = skipped_norms(list(zip(chain.block_names, chain)))
+    if skipped:
+        warnings.warn(
+            f"input_norm merge of chain {chain.name!r}: training forwards with Inf/NaN norms were left out of the "
+            f"statistics ({', '.join(f'{name}: {n}' for name, n in skipped.items())})",
+            stacklevel=3,
+        )
     empty = [name for name, block in zip(chain.block_names, chain) if int(block.norm_count) == 0]
     if empty:
         warnings.warn(
@@ -408,8 +416,20 @@ def _output_tensor(output) -> torch.Tensor:
     raise TypeError(f"cannot find an output tensor in a {type(output).__name__}")
 
 
+class MergeReport(dict):
+    """:func:`merge_report`'s result: method -> relative output error, and in ``skipped_norms``
+    the training forwards per block whose Inf/NaN norm the merge statistics left out."""
+
+    def __init__(self, errors: dict[str, float], skipped: dict[str, int]) -> None:
+        super().__init__(errors)
+        self.skipped_norms = skipped
+
+    def __repr__(self) -> str:
+        return f"MergeReport({dict.__repr__(self)}, skipped_norms={self.skipped_norms!r})"
+
+
 @torch.no_grad()
-def merge_report(model: nn.Module, batches, methods=None, *, calibration=None, ridge: float = 1e-3) -> dict[str, float]:
+def merge_report(model: nn.Module, batches, methods=None, *, calibration=None, ridge: float = 1e-3) -> "MergeReport":
     """How far each merge method's merged model is from the unmerged one, without changing it.
 
     For every method (default: every method that applies to all of the model's chains; lstsq
@@ -417,7 +437,9 @@ def merge_report(model: nn.Module, batches, methods=None, *, calibration=None, r
     (held-out model inputs, run as in :func:`merge_and_unload`), where ``y`` is the model's
     output tensor (``.logits``, ``.last_hidden_state`` or the first tensor) in eval mode. Each
     merged weight is built on the fly, one block at a time, with the same rounding as a real
-    merge; the model's weights, adapters and mode are left as they were.
+    merge; the model's weights, adapters and mode are left as they were. The result is a
+    :class:`MergeReport` (a dict) whose ``skipped_norms`` says, per block, how many training
+    forwards had an Inf/NaN norm that the statistics left out.
     """
     blocks = reslora_blocks(model)
     if not blocks:
@@ -450,7 +472,8 @@ def merge_report(model: nn.Module, batches, methods=None, *, calibration=None, r
         model.train(was_training)
     if count == 0:
         raise ValueError("batches is empty: merge_report needs held-out model inputs")
-    return {m: (num / den) ** 0.5 if den > 0 else num**0.5 for m, (num, den) in sums.items()}
+    errors = {m: (num / den) ** 0.5 if den > 0 else num**0.5 for m, (num, den) in sums.items()}
+    return MergeReport(errors, skipped_norms(blocks))
 
 
 class _MergedPreview(nn.Module):
