@@ -7,6 +7,8 @@ out inside a :class:`ModelTransaction`, which puts everything back should a step
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -26,6 +28,8 @@ __all__ = [
     "ApplyPlan",
     "ModelTransaction",
     "reslora_blocks",
+    "unwrap_model",
+    "clean_name",
     "reslora_summary",
     "ResLoRASummary",
     "skipped_norms",
@@ -44,9 +48,78 @@ def _linear_patterns(model: nn.Module) -> list[str]:
     return list(patterns)
 
 
+#: Module names that wrappers insert into the names of what they wrap: FSDP (1) units, activation
+#: checkpointing, torch.compile of a submodule.
+_WRAPPER_PARTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+
+
+def _wrapper_class(name: str, module_path: str):
+    # Only look a wrapper class up where its module was imported: a model wrapped in one has
+    # imported it, and importing torch.distributed / torch._dynamo just to look is slow.
+    module = sys.modules.get(module_path)
+    return getattr(module, name, None) if module is not None else None
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel / DataParallel / FullyShardedDataParallel
+    (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers, however nested."""
+    while True:
+        compiled = _wrapper_class("OptimizedModule", "torch._dynamo.eval_frame")
+        fsdp = _wrapper_class("FullyShardedDataParallel", "torch.distributed.fsdp.fully_sharded_data_parallel")
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif fsdp is not None and isinstance(model, fsdp):
+            model = model.module
+        elif compiled is not None and isinstance(model, compiled):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def clean_name(name: str) -> str:
+    """``name`` without the parts wrappers insert (``_fsdp_wrapped_module``, ``_orig_mod``, ...): the
+    name the module has in the bare model."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
+
+
+def sharded_by(model: nn.Module) -> str | None:
+    """``"FSDP"`` or ``"FSDP2"`` (fully_shard) if ``model`` or a submodule is sharded, else ``None``."""
+    fsdp = _wrapper_class("FullyShardedDataParallel", "torch.distributed.fsdp.fully_sharded_data_parallel")
+    fsdp2 = _wrapper_class("FSDPModule", "torch.distributed.fsdp")
+    for mod in model.modules():
+        if fsdp is not None and isinstance(mod, fsdp):
+            return "FSDP"
+        if fsdp2 is not None and isinstance(mod, fsdp2):
+            return "FSDP2"
+    return None
+
+
+def refuse_sharded(model: nn.Module, what: str) -> None:
+    """Raise if ``model`` is FSDP-sharded: ``what`` needs every weight whole in this process."""
+    kind = sharded_by(model)
+    if kind is not None:
+        raise ValueError(
+            f"{what} needs the whole model in one process, but this model is sharded by {kind} (each process "
+            "holds a shard of each weight). save_reslora works on the sharded model: save the adapter, "
+            f"load_reslora it into an unsharded copy of the base model and call {what} there"
+        )
+
+
+def whole_parameters(model: nn.Module):
+    """A context in which every parameter of ``model`` is whole in this process: FSDP (1) gathers
+    them (``summon_full_params``, read-only); anything else already is. FSDP2's DTensors are
+    gathered where read (``full_tensor``)."""
+    fsdp = _wrapper_class("FullyShardedDataParallel", "torch.distributed.fsdp.fully_sharded_data_parallel")
+    if fsdp is not None and any(isinstance(mod, fsdp) for mod in model.modules()):
+        return fsdp.summon_full_params(model, writeback=False)
+    return contextlib.nullcontext()
+
+
 def reslora_blocks(model: nn.Module) -> list[tuple[str, FusedResLoRALinear]]:
-    """Every ResLoRA block of ``model`` once, under its first name, in model order."""
-    return [(name, mod) for name, mod in model.named_modules() if isinstance(mod, FusedResLoRALinear)]
+    """Every ResLoRA block of ``model`` once, under its first name in the bare model (wrappers
+    such as DDP, FSDP and torch.compile are looked through), in model order."""
+    model = unwrap_model(model)
+    return [(clean_name(name), mod) for name, mod in model.named_modules() if isinstance(mod, FusedResLoRALinear)]
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -115,6 +188,11 @@ class ModelTransaction:
             del obj.__dict__[name]
 
 
+def _compiled() -> tuple[type, ...]:
+    compiled = _wrapper_class("OptimizedModule", "torch._dynamo.eval_frame")
+    return () if compiled is None else (compiled,)
+
+
 def base_layer_problem(name: str, module: nn.Module) -> str | None:
     """Why ``module`` cannot become a ResLoRA block (``None``: it can). ResLoRA replaces the module
     by one computing ``x W^T + b`` plus the LoRA branch, so anything the module does beyond that
@@ -169,6 +247,23 @@ def _module_names(model: nn.Module) -> dict[int, list[str]]:
     return names
 
 
+def check_wrapping(model: nn.Module) -> nn.Module:
+    """The model to put ResLoRA into: ``model`` itself, or the model inside a torch.compile
+    wrapper. DDP/DataParallel and FSDP wrappers are refused: they must be built after ResLoRA."""
+    kind = sharded_by(model)
+    if kind is not None:
+        raise ValueError(
+            f"apply or load ResLoRA before sharding the model with {kind}: sharded parameters cannot be replaced"
+        )
+    inner = unwrap_model(model)
+    if inner is not model and not isinstance(model, _compiled()):
+        raise ValueError(
+            f"apply ResLoRA before wrapping the model in {type(model).__name__}: the wrapper registered the "
+            "parameters it synchronises when it was built, and would not train the new adapters"
+        )
+    return inner
+
+
 def _check_model(model: nn.Module, config: ResLoRAConfig) -> None:
     if not isinstance(config, ResLoRAConfig):
         raise TypeError(f"config must be a ResLoRAConfig, got {type(config).__name__}")
@@ -203,7 +298,7 @@ def plan_reslora(
         targets = _matched_targets(model, names, config)
     if chains is not None:
         return ApplyPlan(config=config, targets=targets, chains=_checked_chains(targets, chains))
-    chains, notes = _form_chains(config, [(names_[0], mod) for names_, mod in targets])
+    chains, notes = _form_chains(config, [(clean_name(names_[0]), mod) for names_, mod in targets])
     return ApplyPlan(config=config, targets=targets, chains=chains, warnings=notes)
 
 
@@ -232,7 +327,7 @@ def _matched_targets(model, names, config) -> list[tuple[list[str], nn.Module]]:
 
 
 def _named_targets(model, names, block_names) -> list[tuple[list[str], nn.Module]]:
-    modules = dict(model.named_modules(remove_duplicate=False))
+    modules = {clean_name(name): mod for name, mod in model.named_modules(remove_duplicate=False)}
     targets = []
     for name in block_names:
         mod = modules.get(name) if name else None
@@ -241,14 +336,14 @@ def _named_targets(model, names, block_names) -> list[tuple[list[str], nn.Module
         problem = base_layer_problem(name, mod)
         if problem is not None:
             raise ValueError(problem)
-        if names[id(mod)][0] != name:
-            raise ValueError(f"{name} is the module {names[id(mod)][0]} under a second name")
+        if clean_name(names[id(mod)][0]) != name:
+            raise ValueError(f"{name} is the module {clean_name(names[id(mod)][0])} under a second name")
         targets.append((names[id(mod)], mod))
     return targets
 
 
 def _checked_chains(targets, chains) -> list[tuple[str, list[str]]]:
-    by_name = {names[0]: mod for names, mod in targets}
+    by_name = {clean_name(names[0]): mod for names, mod in targets}
     linked: set[str] = set()
     for chain_name, members in chains:
         for member in members:
@@ -298,13 +393,16 @@ def _form_chains(
 
 
 def execute_plan(model: nn.Module, plan: ApplyPlan, tx: ModelTransaction) -> dict[str, FusedResLoRALinear]:
-    """Carry out ``plan`` on ``model`` through ``tx``; returns the new blocks by first name."""
+    """Carry out ``plan`` on ``model`` through ``tx``; returns the new blocks by (clean) first name."""
     config = plan.config
     tx.freeze_all()  # first: building a block freezes its base weight
-    layers = {names[0]: FusedResLoRALinear.from_linear(mod, **config.layer_kwargs()) for names, mod in plan.targets}
+    layers = {
+        clean_name(names[0]): FusedResLoRALinear.from_linear(mod, **config.layer_kwargs())
+        for names, mod in plan.targets
+    }
     for names, _ in plan.targets:
         for name in names:
-            tx.set_module(name, layers[names[0]])
+            tx.set_module(name, layers[clean_name(names[0])])
     for chain_name, members in plan.chains:
         link_chain([layers[m] for m in members], name=chain_name, block_names=members)
     tx.setattr(model, "reslora_config", config)
@@ -321,13 +419,17 @@ def apply_reslora(model: nn.Module, config: ResLoRAConfig) -> nn.Module:
     chain starts, with a warning naming both modules. Works on any ``nn.Module``, HuggingFace
     models included. :func:`reslora_summary` reports what was replaced.
 
+    A ``torch.compile``-wrapped model is looked through (the compiled wrapper is returned);
+    DDP/FSDP wrappers must be built after ResLoRA is applied and are refused.
+
     Atomic: everything is checked first (the settings, the targets and their types: a module with
     a forward or hooks of its own, a parametrized or non-float weight is refused), and should a
     later step fail the model is left exactly as it was.
     """
-    plan = plan_reslora(model, config)
-    with ModelTransaction(model) as tx:
-        execute_plan(model, plan, tx)
+    inner = check_wrapping(model)
+    plan = plan_reslora(inner, config)
+    with ModelTransaction(inner) as tx:
+        execute_plan(inner, plan, tx)
     for note in plan.warnings:
         warnings.warn(note, UserWarning, stacklevel=2)
     return model
@@ -375,7 +477,8 @@ class ResLoRASummary:
 
 def reslora_summary(model: nn.Module) -> ResLoRASummary:
     """The replaced layers, the chains (name -> block names in order), the parameter counts and
-    the non-finite norms the merge statistics left out."""
+    the non-finite norms the merge statistics left out. Wrapped models (DDP, FSDP, torch.compile)
+    are summarised as the bare model."""
     blocks = reslora_blocks(model)
     names = {id(layer): name for name, layer in blocks}
     chains: dict[str, list[str]] = {}
@@ -383,11 +486,13 @@ def reslora_summary(model: nn.Module) -> ResLoRASummary:
         chain = layer.chain
         if len(chain) > 1 and chain.name not in chains:
             chains[chain.name] = [names.get(id(b), n) for b, n in zip(chain, chain.block_names)]
-    params = list(model.parameters())
+    with whole_parameters(model):
+        params = list(model.parameters())
+        trainable, total = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
     return ResLoRASummary(
         replaced=[name for name, _ in blocks],
         chains=chains,
-        trainable_params=sum(p.numel() for p in params if p.requires_grad),
-        total_params=sum(p.numel() for p in params),
+        trainable_params=trainable,
+        total_params=total,
         skipped_norms=skipped_norms(blocks),
     )

@@ -12,7 +12,17 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .apply import ModelTransaction, execute_plan, plan_reslora, reslora_blocks
+from .apply import (
+    ModelTransaction,
+    check_wrapping,
+    execute_plan,
+    plan_reslora,
+    refuse_sharded,
+    reslora_blocks,
+    sharded_by,
+    unwrap_model,
+    whole_parameters,
+)
 from .config import ResLoRAConfig
 from .layer import FusedResLoRALinear
 from .merging import chains_of, merge_terms
@@ -88,6 +98,9 @@ def save_reslora(model: nn.Module, path: str | os.PathLike) -> None:
 
     Refuses (before writing anything) an adapter holding Inf/NaN; the files are written beside
     their destination and moved into place, so an interrupted save never leaves a truncated file.
+    A wrapped model (DDP, FSDP or FSDP2, torch.compile) is saved under its bare names, so the
+    files load into the bare model; under FSDP every rank gathers the adapters (call it on one rank
+    or on all; the files are the same).
     """
     from safetensors.torch import save
 
@@ -95,13 +108,17 @@ def save_reslora(model: nn.Module, path: str | os.PathLike) -> None:
     if not blocks:
         raise ValueError("the model has no ResLoRA layers to save")
     tensors: dict[str, torch.Tensor] = {}
-    for name, layer in blocks:
-        for key, tensor in layer.state_dict().items():
-            if key not in ("weight", "bias"):
-                tensor = tensor.detach()
-                _check_finite(f"cannot save: {name}.{key}", tensor)
-                tensors[f"{name}.{key}"] = tensor.cpu().contiguous()
-    config = getattr(model, "reslora_config", None)
+    with whole_parameters(model):
+        for name, layer in blocks:
+            for key, tensor in layer.state_dict().items():
+                if key not in ("weight", "bias"):
+                    tensor = tensor.detach()
+                    if hasattr(tensor, "full_tensor"):  # an FSDP2 (DTensor) shard: gather it
+                        tensor = tensor.full_tensor()
+                    _check_finite(f"cannot save: {name}.{key}", tensor)
+                    # A copy: under FSDP the gathered storage is freed when the context ends.
+                    tensors[f"{name}.{key}"] = tensor.to("cpu", copy=True).contiguous()
+    config = getattr(unwrap_model(model), "reslora_config", None)
     meta = {
         "format_version": _FORMAT_VERSION,
         "config": config.to_dict() if config is not None else None,
@@ -189,14 +206,19 @@ def load_reslora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     Atomic: both files' checksums, every block name, setting and base layer, every tensor's
     presence, shape, dtype (the same, or one the model's holds exactly: bfloat16 into float32)
     and values (finite adapters, non-negative statistics) are checked before anything changes;
-    should a later step fail the model is left as it was.
+    should a later step fail the model is left as it was. DDP and torch.compile wrappers are
+    looked through (a model without ResLoRA yet must not be in DDP: load, then wrap); FSDP-sharded
+    models are refused (load before sharding).
     """
     src = Path(path)
     meta, tensors = _read_adapter(src)
     weights_file = src / WEIGHTS_NAME
     records = meta["blocks"]
     saved = {record["name"]: record for record in records}
+    if sharded_by(model) is not None:
+        check_wrapping(model)  # raises: load before sharding
     blocks = reslora_blocks(model)
+    given, model = model, unwrap_model(model) if blocks else check_wrapping(model)
     plan = None
     if blocks:
         have = {name for name, _ in blocks}
@@ -248,7 +270,7 @@ def load_reslora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         for name, layer in blocks:
             for key, target in _expected_tensors(name, layer).items():
                 tx.copy_(target, tensors[key])
-    return model
+    return given
 
 
 @torch.no_grad()
@@ -269,6 +291,8 @@ def export_peft_adapter(
     """
     from safetensors.torch import save
 
+    refuse_sharded(model, "export_peft_adapter")
+    model = unwrap_model(model)
     names = {id(layer): name for name, layer in reslora_blocks(model)}
     if "" in names.values():
         raise ValueError(

@@ -144,17 +144,32 @@ class FusedResLoRALinear(nn.Linear):
 
     @torch.no_grad()
     def reset_lora_parameters(self) -> None:
-        """``lora_A`` kaiming-uniform (a = sqrt(5)), ``lora_B`` zeros: the block starts as identity."""
+        """``lora_A`` kaiming-uniform (a = sqrt(5)), ``lora_B`` zeros: the block starts as identity;
+        the merge statistics start empty."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
+        self._reset_statistics()
+
+    @torch.no_grad()
+    def _reset_statistics(self) -> None:
+        for name in ("norm_sq_window", "norm_count", "norm_nonfinite"):
+            buffer = self._buffers.get(name)
+            if buffer is not None:
+                buffer.zero_()
 
     def _apply(self, fn, recurse=True):
+        # Values materialised from the meta device (to_empty, as FSDP and init_empty_weights use)
+        # are whatever memory held: statistics coming from meta start empty instead.
+        count = self._buffers.get("norm_count")
+        from_meta = count is not None and count.is_meta
         super()._apply(fn, recurse)
         # model.half() / .to(dtype) cast float buffers too; squared norms of a whole batch overflow
         # float16 (65504), so the ring buffer stays float32 whatever the module's dtype.
         window = self._buffers.get("norm_sq_window")
         if window is not None and window.dtype != torch.float32:
             self._buffers["norm_sq_window"] = window.float()
+        if from_meta and not self._buffers["norm_count"].is_meta:
+            self._reset_statistics()
         # The original module (what a merge gives back) follows the Parameters, should _apply have
         # replaced them instead of changing them in place.
         original = self.__dict__.get("_original_module")

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from . import functional
-from .apply import ModelTransaction, reslora_blocks, set_module, skipped_norms
+from .apply import ModelTransaction, refuse_sharded, reslora_blocks, set_module, skipped_norms, unwrap_model
 from .layer import FusedResLoRALinear
 
 if TYPE_CHECKING:
@@ -368,8 +368,12 @@ def merge_and_unload(
     error leaves the model as it was. Each block goes back to the module it was made from (the same
     object, its weight Parameter now holding the merged values, frozen), or to a new ``nn.Linear``
     for a block built directly. Returns the model (that module if ``model`` itself was a single
-    :class:`FusedResLoRALinear`); nothing of ResLoRA is left in it.
+    :class:`FusedResLoRALinear`); nothing of ResLoRA is left in it. A model wrapped in DDP or
+    torch.compile is merged inside its wrapper and the bare model is returned (an FSDP-sharded one
+    is refused: merge an unsharded copy).
     """
+    refuse_sharded(model, "merge_and_unload")
+    model = unwrap_model(model)
     blocks = reslora_blocks(model)
     if not blocks:
         raise ValueError("the model has no ResLoRA layers to merge")
@@ -439,8 +443,11 @@ def merge_report(model: nn.Module, batches, methods=None, *, calibration=None, r
     merged weight is built on the fly, one block at a time, with the same rounding as a real
     merge; the model's weights, adapters and mode are left as they were. The result is a
     :class:`MergeReport` (a dict) whose ``skipped_norms`` says, per block, how many training
-    forwards had an Inf/NaN norm that the statistics left out.
+    forwards had an Inf/NaN norm that the statistics left out. DDP and torch.compile wrappers
+    are looked through; FSDP-sharded models are refused.
     """
+    refuse_sharded(model, "merge_report")
+    model = unwrap_model(model)
     blocks = reslora_blocks(model)
     if not blocks:
         raise ValueError("the model has no ResLoRA layers to merge")
