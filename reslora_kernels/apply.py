@@ -8,9 +8,11 @@ out inside a :class:`ModelTransaction`, which puts everything back should a step
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 import warnings
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +26,7 @@ from .layer import FusedResLoRALinear
 __all__ = [
     "apply_reslora",
     "chain_key",
+    "parallel_copies",
     "plan_reslora",
     "ApplyPlan",
     "ModelTransaction",
@@ -37,9 +40,18 @@ __all__ = [
 
 
 def chain_key(module_name: str) -> str:
-    """The chain a module belongs to: its name with every layer index replaced by ``*``
-    (``model.layers.3.self_attn.q_proj`` -> ``model.layers.*.self_attn.q_proj``), so that each
-    repeated position of a model (every q_proj, every BERT ``attention.output.dense``) is one chain."""
+    """The default chain key of a module: its name with every numeric part (layer index) replaced
+    by ``*`` (``model.layers.3.self_attn.q_proj`` -> ``model.layers.*.self_attn.q_proj``), so that
+    each repeated position of a model (every q_proj, every BERT ``attention.output.dense``) is one
+    chain.
+
+    The default rule of :func:`apply_reslora` (``ResLoRAConfig.chain_key=None``) in full: the
+    targets with one key form one chain, in model order (the order of ``model.named_modules()``,
+    which is the layer order of a ``ModuleList``); a chain splits, with a warning, where the
+    (in, out) shape changes; a module under a numbered index after the first whose siblings hold a
+    module at the same path (MoE experts, which run on different tokens: :func:`parallel_copies`)
+    forms no chain, with a warning; if no chain of two or more blocks forms at all, a warning says
+    so. ``ResLoRAConfig.chain_key`` replaces the rule (a regex or a function)."""
     return ".".join("*" if part.isdigit() else part for part in module_name.split("."))
 
 
@@ -298,7 +310,8 @@ def plan_reslora(
         targets = _matched_targets(model, names, config)
     if chains is not None:
         return ApplyPlan(config=config, targets=targets, chains=_checked_chains(targets, chains))
-    chains, notes = _form_chains(config, [(clean_name(names_[0]), mod) for names_, mod in targets])
+    all_names = [clean_name(name) for name, _ in model.named_modules()]
+    chains, notes = _form_chains(config, [(clean_name(names_[0]), mod) for names_, mod in targets], all_names)
     return ApplyPlan(config=config, targets=targets, chains=chains, warnings=notes)
 
 
@@ -363,32 +376,90 @@ def _features(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
+def parallel_copies(module_names: Iterable[str]) -> set[str]:
+    """The names, among ``module_names`` (every module of a model), that sit under a numbered
+    index after the first one whose siblings hold a module at the same path: parallel copies
+    such as MoE experts (``layers.0.mlp.experts.3.w1`` beside ``experts.4.w1``). The first index
+    is the layer index; a later one with different paths below it (T5's ``block.0.layer.1``:
+    self-attention, cross-attention and MLP) is a position, not a copy."""
+    split = [name.split(".") for name in module_names]
+    numbered = [[i for i, part in enumerate(parts) if part.isdigit()][1:] for parts in split]
+    siblings: dict[tuple, set[str]] = defaultdict(set)
+    for parts, later in zip(split, numbered):
+        for i in later:
+            siblings[(i, *parts[:i], "#", *parts[i + 1 :])].add(parts[i])
+    return {
+        ".".join(parts)
+        for parts, later in zip(split, numbered)
+        if any(len(siblings[(i, *parts[:i], "#", *parts[i + 1 :])]) > 1 for i in later)
+    }
+
+
+def _chain_key_of(config: ResLoRAConfig, name: str, copies: set[str]) -> tuple[str | None, object]:
+    """(chain key or None for no chain, order within the chain) of a block under ``config``'s rule."""
+    rule = config.chain_key
+    if rule is None:
+        return (None if name in copies else chain_key(name)), None
+    if isinstance(rule, str):
+        return re.sub(rule, "*", name), None
+    result = rule(name)
+    key, order = result if isinstance(result, tuple) and len(result) == 2 else (result, None)
+    if key is not None and not isinstance(key, str):
+        raise TypeError(
+            f"chain_key({name!r}) returned {result!r}; it must return a key (str), None (no chain) or (key, order)"
+        )
+    return key, order
+
+
 def _form_chains(
-    config: ResLoRAConfig, blocks: list[tuple[str, nn.Module]]
+    config: ResLoRAConfig, blocks: list[tuple[str, nn.Module]], all_names: list[str]
 ) -> tuple[list[tuple[str, list[str]]], list[str]]:
-    """The chains of ``blocks`` (name, base module, in model order): one per :func:`chain_key`,
-    split where the (in, out) shape changes. Returns the chains of two or more blocks and the
-    warnings to give."""
+    """The chains of ``blocks`` (name, base module, in model order): one per chain key (see
+    :class:`ResLoRAConfig` ``chain_key``), in model order or the rule's order, split where the
+    (in, out) shape changes. Returns the chains of two or more blocks and the warnings to give."""
     if config.mode == "none":
         return [], []
-    groups: dict[str, list[tuple[str, nn.Module]]] = defaultdict(list)
+    copies = parallel_copies(all_names) if config.chain_key is None else set()
+    groups: dict[str, list[tuple[object, str, nn.Module]]] = defaultdict(list)
+    alone: list[str] = []
     for name, mod in blocks:
-        groups[chain_key(name)].append((name, mod))
+        key, order = _chain_key_of(config, name, copies)
+        if key is None:
+            alone.append(name)
+        else:
+            groups[key].append((order, name, mod))
     chains: list[tuple[str, list[str]]] = []
     notes: list[str] = []
+    experts = [name for name in alone if name in copies]
+    if experts:
+        notes.append(
+            f"ResLoRA: {len(experts)} target modules are parallel copies under a numbered index (MoE experts, "
+            f"which run on different tokens), e.g. {', '.join(experts[:3])}: they form no chain and train as "
+            "first blocks. Set ResLoRAConfig.chain_key to chain them otherwise"
+        )
     for key, members in groups.items():
+        if any(order is not None for order, _, _ in members):
+            members = sorted(members, key=lambda member: member[0])
         runs = [[members[0]]]
-        for (prev_name, prev), (name, cur) in zip(members, members[1:]):
+        for (_, prev_name, prev), (order, name, cur) in zip(members, members[1:]):
             if _features(cur) != _features(prev):
                 notes.append(
                     f"ResLoRA: {name} ({cur.in_features}->{cur.out_features}) differs in shape "
                     f"from {prev_name} ({prev.in_features}->{prev.out_features}); a new chain starts at {name}"
                 )
                 runs.append([])
-            runs[-1].append((name, cur))
+            runs[-1].append((order, name, cur))
         for i, run in enumerate(runs):
             if len(run) > 1:
-                chains.append((key if i == 0 else f"{key}#{i}", [name for name, _ in run]))
+                chains.append((key if i == 0 else f"{key}#{i}", [name for _, name, _ in run]))
+    if not chains and len(blocks) > 1:
+        shown = ", ".join(name for name, _ in blocks[:4]) + (", ..." if len(blocks) > 4 else "")
+        notes.append(
+            f"ResLoRA: mode {config.mode!r} formed no chain of two or more blocks from {len(blocks)} targets "
+            f"({shown}): without a predecessor every block trains as a first block, and the shortcuts do nothing. "
+            "Chains group modules whose names agree once numeric parts become '*'; set ResLoRAConfig.chain_key "
+            r"(e.g. chain_key=r'(?<=block)\d+' for block1, block2, ...)"
+        )
     return chains, notes
 
 
@@ -396,10 +467,13 @@ def execute_plan(model: nn.Module, plan: ApplyPlan, tx: ModelTransaction) -> dic
     """Carry out ``plan`` on ``model`` through ``tx``; returns the new blocks by (clean) first name."""
     config = plan.config
     tx.freeze_all()  # first: building a block freezes its base weight
-    layers = {
-        clean_name(names[0]): FusedResLoRALinear.from_linear(mod, **config.layer_kwargs())
-        for names, mod in plan.targets
-    }
+    with warnings.catch_warnings():
+        # The config gave its setting warnings (alpha = 0) once already: not once per layer.
+        warnings.simplefilter("ignore", UserWarning)
+        layers = {
+            clean_name(names[0]): FusedResLoRALinear.from_linear(mod, **config.layer_kwargs())
+            for names, mod in plan.targets
+        }
     for names, _ in plan.targets:
         for name in names:
             tx.set_module(name, layers[clean_name(names[0])])
@@ -457,6 +531,8 @@ class ResLoRASummary:
     #: Block name -> training forwards whose input (is) or z (ms) norm was Inf/NaN and was left
     #: out of the merge statistics (blocks with none are not listed).
     skipped_norms: dict[str, int] = field(default_factory=dict)
+    #: Blocks of a shortcut mode (is/bs/ms) that are in no chain of two or more blocks.
+    unchained: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         pct = 100.0 * self.trainable_params / max(self.total_params, 1)
@@ -466,6 +542,8 @@ class ResLoRASummary:
         ]
         for name, members in self.chains.items():
             lines.append(f"  chain {name}: {len(members)} blocks ({members[0]} ... {members[-1]})")
+        if self.unchained:
+            lines.append(f"  not in a chain (train as first blocks): {', '.join(self.unchained)}")
         if self.skipped_norms:
             total = sum(self.skipped_norms.values())
             lines.append(
@@ -495,4 +573,5 @@ def reslora_summary(model: nn.Module) -> ResLoRASummary:
         trainable_params=trainable,
         total_params=total,
         skipped_norms=skipped_norms(blocks),
+        unchained=[name for name, layer in blocks if layer.mode != "none" and len(layer.chain) == 1],
     )

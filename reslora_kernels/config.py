@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, Union
 
 #: Residual-shortcut modes, named as in the paper (DESIGN.md section 2).
 #: ``none`` is plain LoRA, ``is`` input-shortcut, ``bs`` block-shortcut, ``ms`` middle-shortcut.
@@ -40,6 +41,23 @@ def validate_settings(*, rank: Any, alpha: Any, dropout: Any, mode: Any, pre_num
         raise ValueError(f"norm_window must be an int >= 1, got {norm_window!r}")
 
 
+def warn_settings(*, alpha: float, stacklevel: int = 3) -> None:
+    """Warn about settings that are valid but almost certainly a mistake."""
+    if alpha == 0:
+        warnings.warn(
+            "ResLoRA: alpha=0 makes the scaling alpha / rank zero: the LoRA branch adds nothing and "
+            "lora_A, lora_B get zero gradients, so nothing trains",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+
+
+#: A chain-key rule: a regular expression (every match in a module name is replaced by ``*``) or a
+#: function from a module name to its chain key (``None``: the module forms no chain), or to
+#: ``(key, order)`` to set the order of the blocks in their chain.
+ChainKey = Union[str, Callable[[str], Any]]
+
+
 @dataclass
 class ResLoRAConfig:
     """How :func:`reslora_kernels.apply_reslora` puts ResLoRA into a model.
@@ -58,6 +76,14 @@ class ResLoRAConfig:
             expression that must match the full module name.
         norm_window: how many recent training forwards the input-norm statistics average over
             (used by the ``input_norm`` merge).
+        chain_key: which blocks form a chain (is/bs/ms). ``None``: the default rule of
+            :func:`reslora_kernels.chain_key` (every layer index becomes ``*``; MoE experts form
+            no chain; blocks in model order). A string is a regular expression: every match in a module name is replaced
+            by ``*``, and modules with the same result form one chain (``r"(?<=block)\\d+"`` chains
+            ``block1.proj``, ``block2.proj``, ...). A function maps a module name to its key, to
+            ``None`` (no chain) or to ``(key, order)``; blocks are chained in model order, or by
+            ``order`` when given. A regex is saved with the adapter; a function is not (the
+            chains it formed are, and :func:`reslora_kernels.load_reslora` links those).
     """
 
     mode: str = "is"
@@ -67,6 +93,7 @@ class ResLoRAConfig:
     pre_num: int = 1
     target_modules: str | Sequence[str] | None = None
     norm_window: int = 100
+    chain_key: ChainKey | None = None
 
     def __post_init__(self) -> None:
         validate_settings(
@@ -77,6 +104,17 @@ class ResLoRAConfig:
             pre_num=self.pre_num,
             norm_window=self.norm_window,
         )
+        warn_settings(alpha=self.alpha, stacklevel=4)
+        key = self.chain_key
+        if isinstance(key, str):
+            try:
+                re.compile(key)
+            except re.error as err:
+                raise ValueError(f"chain_key {key!r} is not a valid regex: {err}") from None
+            if re.search(key, "") is not None:
+                raise ValueError(f"chain_key {key!r} matches the empty string: it must match the layer index part")
+        elif key is not None and not callable(key):
+            raise TypeError(f"chain_key must be a regex string, a function or None, got {type(key).__name__}")
         targets = self.target_modules
         if targets is None:
             return
@@ -114,7 +152,12 @@ class ResLoRAConfig:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings as JSON-ready values; a ``chain_key`` function cannot be saved and becomes
+        ``None`` (the chains it formed are saved by :func:`reslora_kernels.save_reslora`)."""
+        data = dataclasses.asdict(self)
+        if callable(data["chain_key"]):
+            data["chain_key"] = None
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ResLoRAConfig":

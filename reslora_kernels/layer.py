@@ -13,7 +13,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import functional, reference
 from .chain import ResLoRAChain
-from .config import validate_settings
+from .config import validate_settings, warn_settings
 
 __all__ = ["FusedResLoRALinear", "is_conv1d"]
 
@@ -107,6 +107,7 @@ class FusedResLoRALinear(nn.Linear):
 
     def _setup(self, weight, bias, rank, alpha, dropout, mode, pre_num, norm_window) -> None:
         validate_settings(rank=rank, alpha=alpha, dropout=dropout, mode=mode, pre_num=pre_num, norm_window=norm_window)
+        warn_settings(alpha=alpha, stacklevel=4)
         # nn.Linear.__init__ would allocate a weight we may not want (from_linear reuses one).
         nn.Module.__init__(self)
         self.out_features, self.in_features = weight.shape
