@@ -20,8 +20,8 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from .chain import link_chain
-from .config import ResLoRAConfig
-from .layer import FusedResLoRALinear
+from .config import ALL_LINEAR, DEFAULT_TARGET_MODULES, ResLoRAConfig
+from .layer import FusedResLoRAConv1D, FusedResLoRALinear, is_conv1d
 
 __all__ = [
     "apply_reslora",
@@ -31,6 +31,8 @@ __all__ = [
     "ApplyPlan",
     "ModelTransaction",
     "reslora_blocks",
+    "resolve_targets",
+    "is_linear",
     "unwrap_model",
     "clean_name",
     "reslora_summary",
@@ -55,8 +57,21 @@ def chain_key(module_name: str) -> str:
     return ".".join("*" if part.isdigit() else part for part in module_name.split("."))
 
 
+def is_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a linear layer ResLoRA can adapt: an ``nn.Linear`` or a transformers
+    ``Conv1D`` (the weight stored ``[in, out]``, as in GPT-2)."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def base_features(module: nn.Module) -> tuple[int, int]:
+    """``(in, out)`` of a linear layer."""
+    if is_conv1d(module):
+        return tuple(module.weight.shape)
+    return module.in_features, module.out_features
+
+
 def _linear_patterns(model: nn.Module) -> list[str]:
-    patterns = dict.fromkeys(chain_key(name) for name, mod in model.named_modules() if isinstance(mod, nn.Linear))
+    patterns = dict.fromkeys(chain_key(name) for name, mod in model.named_modules() if is_linear(mod))
     return list(patterns)
 
 
@@ -211,8 +226,9 @@ def base_layer_problem(name: str, module: nn.Module) -> str | None:
     would be lost silently: such modules are refused."""
     if isinstance(module, FusedResLoRALinear):
         return f"{name} is already a ResLoRA layer"
-    if not isinstance(module, nn.Linear):
-        return f"{name} is a {type(module).__name__}, not an nn.Linear"
+    conv = is_conv1d(module)
+    if not isinstance(module, nn.Linear) and not conv:
+        return f"{name} is a {type(module).__name__}, not an nn.Linear or a transformers Conv1D"
     if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
         return (
             f"{name} is the output projection of an nn.MultiheadAttention, which reads its weight "
@@ -223,7 +239,8 @@ def base_layer_problem(name: str, module: nn.Module) -> str | None:
             f"{name} is parametrized (torch.nn.utils.parametrize, e.g. weight_norm): its weight is computed "
             "on every forward. Remove the parametrization (parametrize.remove_parametrizations) first"
         )
-    if type(module).forward is not nn.Linear.forward or "forward" in vars(module):
+    base_forward = sys.modules["transformers.pytorch_utils"].Conv1D.forward if conv else nn.Linear.forward
+    if type(module).forward is not base_forward or "forward" in vars(module):
         return f"{name} ({type(module).__name__}) has a forward of its own, which a ResLoRA layer would not run"
     hooks = [
         kind
@@ -287,6 +304,8 @@ def _check_model(model: nn.Module, config: ResLoRAConfig) -> None:
         raise TypeError(
             "apply_reslora replaces submodules; wrap a single nn.Linear with FusedResLoRALinear.from_linear"
         )
+    if is_conv1d(model):
+        raise TypeError("apply_reslora replaces submodules; wrap a single Conv1D with FusedResLoRAConv1D.from_conv1d")
 
 
 def plan_reslora(
@@ -315,26 +334,55 @@ def plan_reslora(
     return ApplyPlan(config=config, targets=targets, chains=chains, warnings=notes)
 
 
+def resolve_targets(model: nn.Module, config: ResLoRAConfig) -> tuple[str | list[str], str]:
+    """``(targets, how)``: what ``config.target_modules`` means for ``model`` (a list of names or
+    a regex; for ``"all-linear"`` the list of every linear layer but the output head) and a
+    description of where it came from."""
+    targets = config.target_modules
+    if targets == ALL_LINEAR:
+        # PEFT's meaning: every nn.Linear / Conv1D but the output head (get_output_embeddings).
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        names = [name for name, mod in model.named_modules() if name and is_linear(mod) and mod is not head]
+        return names, "all-linear: every linear layer but the output head"
+    if targets is not None:
+        return targets, "target_modules"
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGET_MODULES:
+        return DEFAULT_TARGET_MODULES[model_type], f"the default for model_type {model_type!r}"
+    raise ValueError(
+        f"ResLoRAConfig.target_modules is not set and model_type {model_type!r} has no default targets "
+        f"(defaults exist for {', '.join(sorted(DEFAULT_TARGET_MODULES))}); the model's linear layers are: "
+        + ", ".join(_linear_patterns(model))
+    )
+
+
 def _matched_targets(model, names, config) -> list[tuple[list[str], nn.Module]]:
-    if config.target_modules is None:
-        raise ValueError(
-            "ResLoRAConfig.target_modules is not set; the model's nn.Linear modules are: "
-            + ", ".join(_linear_patterns(model))
-        )
+    wanted, how = resolve_targets(model, config)
+    lenient = config.target_modules == ALL_LINEAR
+    if isinstance(wanted, list):
+        matches = lambda name: any(name == t or name.endswith("." + t) for t in wanted)  # noqa: E731
+    else:
+        matches = lambda name: re.fullmatch(wanted, name) is not None  # noqa: E731
     targets: list[tuple[list[str], nn.Module]] = []
+    skipped: list[str] = []
     seen: set[int] = set()
     for name, mod in model.named_modules(remove_duplicate=False):
-        if not name or id(mod) in seen or not isinstance(mod, nn.Linear) or not config.matches(name):
+        if not name or id(mod) in seen or not is_linear(mod) or not matches(name):
             continue
+        seen.add(id(mod))
         problem = base_layer_problem(name, mod)
+        if problem is not None and lenient:
+            skipped.append(problem)  # all-linear takes what it can, and says what it left
+            continue
         if problem is not None:
             raise ValueError(problem)
-        seen.add(id(mod))
         targets.append((names[id(mod)], mod))
+    if skipped:
+        warnings.warn("ResLoRA all-linear leaves out: " + "; ".join(skipped), UserWarning, stacklevel=4)
     if not targets:
         raise ValueError(
-            f"no nn.Linear in the model matches target_modules={config.target_modules!r}; "
-            f"its nn.Linear modules are: {', '.join(_linear_patterns(model)) or '(none)'}"
+            f"no linear layer (nn.Linear or Conv1D) in the model matches target_modules={wanted!r} ({how}); "
+            f"its linear layers are: {', '.join(_linear_patterns(model)) or '(none)'}"
         )
     return targets
 
@@ -365,15 +413,10 @@ def _checked_chains(targets, chains) -> list[tuple[str, list[str]]]:
             if member in linked:
                 raise ValueError(f"{member} is in two chains")
             linked.add(member)
-        shapes = {_features(by_name[m]) for m in members}
+        shapes = {base_features(by_name[m]) for m in members}
         if len(members) < 2 or len(shapes) > 1:
             raise ValueError(f"chain {chain_name!r} needs two or more blocks of one shape, got {members}")
     return [(chain_name, list(members)) for chain_name, members in chains]
-
-
-def _features(module: nn.Module) -> tuple[int, int]:
-    """(in, out) of a base layer."""
-    return module.in_features, module.out_features
 
 
 def parallel_copies(module_names: Iterable[str]) -> set[str]:
@@ -442,10 +485,11 @@ def _form_chains(
             members = sorted(members, key=lambda member: member[0])
         runs = [[members[0]]]
         for (_, prev_name, prev), (order, name, cur) in zip(members, members[1:]):
-            if _features(cur) != _features(prev):
+            if base_features(cur) != base_features(prev):
+                (cur_in, cur_out), (prev_in, prev_out) = base_features(cur), base_features(prev)
                 notes.append(
-                    f"ResLoRA: {name} ({cur.in_features}->{cur.out_features}) differs in shape "
-                    f"from {prev_name} ({prev.in_features}->{prev.out_features}); a new chain starts at {name}"
+                    f"ResLoRA: {name} ({cur_in}->{cur_out}) differs in shape "
+                    f"from {prev_name} ({prev_in}->{prev_out}); a new chain starts at {name}"
                 )
                 runs.append([])
             runs[-1].append((order, name, cur))
@@ -463,6 +507,14 @@ def _form_chains(
     return chains, notes
 
 
+def wrap_base_layer(module: nn.Module, **settings) -> FusedResLoRALinear:
+    """The ResLoRA block for a linear layer: :class:`FusedResLoRAConv1D` for a Conv1D, else
+    :class:`FusedResLoRALinear`; its Parameters are reused."""
+    if is_conv1d(module):
+        return FusedResLoRAConv1D.from_conv1d(module, **settings)
+    return FusedResLoRALinear.from_linear(module, **settings)
+
+
 def execute_plan(model: nn.Module, plan: ApplyPlan, tx: ModelTransaction) -> dict[str, FusedResLoRALinear]:
     """Carry out ``plan`` on ``model`` through ``tx``; returns the new blocks by (clean) first name."""
     config = plan.config
@@ -470,10 +522,7 @@ def execute_plan(model: nn.Module, plan: ApplyPlan, tx: ModelTransaction) -> dic
     with warnings.catch_warnings():
         # The config gave its setting warnings (alpha = 0) once already: not once per layer.
         warnings.simplefilter("ignore", UserWarning)
-        layers = {
-            clean_name(names[0]): FusedResLoRALinear.from_linear(mod, **config.layer_kwargs())
-            for names, mod in plan.targets
-        }
+        layers = {clean_name(names[0]): wrap_base_layer(mod, **config.layer_kwargs()) for names, mod in plan.targets}
     for names, _ in plan.targets:
         for name in names:
             tx.set_module(name, layers[clean_name(names[0])])
@@ -533,6 +582,9 @@ class ResLoRASummary:
     skipped_norms: dict[str, int] = field(default_factory=dict)
     #: Blocks of a shortcut mode (is/bs/ms) that are in no chain of two or more blocks.
     unchained: list[str] = field(default_factory=list)
+    #: The target_modules that chose the blocks and where they came from (the config, the
+    #: defaults of the model type, all-linear); empty for layers built by hand.
+    targets: str = ""
 
     def __str__(self) -> str:
         pct = 100.0 * self.trainable_params / max(self.total_params, 1)
@@ -540,6 +592,8 @@ class ResLoRASummary:
             f"ResLoRA: {len(self.replaced)} linear layers replaced, {len(self.chains)} chains",
             f"trainable params: {self.trainable_params:,} of {self.total_params:,} ({pct:.4f}%)",
         ]
+        if self.targets:
+            lines.insert(1, f"targets: {self.targets}")
         for name, members in self.chains.items():
             lines.append(f"  chain {name}: {len(members)} blocks ({members[0]} ... {members[-1]})")
         if self.unchained:
@@ -574,4 +628,17 @@ def reslora_summary(model: nn.Module) -> ResLoRASummary:
         total_params=total,
         skipped_norms=skipped_norms(blocks),
         unchained=[name for name, layer in blocks if layer.mode != "none" and len(layer.chain) == 1],
+        targets=_describe_targets(unwrap_model(model)),
     )
+
+
+def _describe_targets(model: nn.Module) -> str:
+    config = vars(model).get("reslora_config")
+    if config is None:
+        return ""
+    if config.target_modules == ALL_LINEAR:
+        return "all-linear (every linear layer but the output head)"
+    if config.target_modules is not None:
+        return f"{config.target_modules!r}"
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return f"{DEFAULT_TARGET_MODULES.get(model_type)!r} (the default for model_type {model_type!r})"

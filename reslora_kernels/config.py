@@ -52,6 +52,21 @@ def warn_settings(*, alpha: float, stacklevel: int = 3) -> None:
         )
 
 
+#: ``target_modules`` shorthand for every linear layer (``nn.Linear`` and transformers' ``Conv1D``)
+#: but the model's output head, as PEFT means it (peft/tuners/tuners_utils.py,
+#: ``_maybe_include_all_linear_layers``).
+ALL_LINEAR = "all-linear"
+
+#: Targets used when ``target_modules`` is omitted, by ``model.config.model_type``: the attention
+#: query and value projections, the choice of PEFT's ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``
+#: (peft/utils/constants.py, checked against peft 0.21) for the same families.
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "gemma", "gemma2", "bart"), ["q_proj", "v_proj"]),
+    "gpt2": ["c_attn"],
+    **dict.fromkeys(("bert", "roberta"), ["query", "value"]),
+    "t5": ["q", "v"],
+}
+
 #: A chain-key rule: a regular expression (every match in a module name is replaced by ``*``) or a
 #: function from a module name to its chain key (``None``: the module forms no chain), or to
 #: ``(key, order)`` to set the order of the blocks in their chain.
@@ -70,10 +85,12 @@ class ResLoRAConfig:
         dropout: dropout probability on the LoRA input (identity in eval mode).
         pre_num: for ``bs`` and ``ms``, how many previous blocks a block sums over;
             ``-1`` means all of them. Ignored by ``none`` and ``is``.
-        target_modules: which ``nn.Linear`` modules to replace. A list/tuple of names matches a
-            module whose full name equals an entry or ends with ``"." + entry`` (``"q_proj"``
-            matches ``model.layers.3.self_attn.q_proj``); a single string is a regular
-            expression that must match the full module name.
+        target_modules: which linear layers (``nn.Linear``, transformers' ``Conv1D``) to replace.
+            A list/tuple of names matches a module whose full name equals an entry or ends with
+            ``"." + entry`` (``"q_proj"`` matches ``model.layers.3.self_attn.q_proj``); a single
+            string is a regular expression that must match the full module name; ``"all-linear"``
+            is every linear layer but the output head (PEFT's meaning); ``None`` takes the
+            defaults for ``model.config.model_type`` (:data:`DEFAULT_TARGET_MODULES`).
         norm_window: how many recent training forwards the input-norm statistics average over
             (used by the ``input_norm`` merge).
         chain_key: which blocks form a chain (is/bs/ms). ``None``: the default rule of
@@ -116,7 +133,7 @@ class ResLoRAConfig:
         elif key is not None and not callable(key):
             raise TypeError(f"chain_key must be a regex string, a function or None, got {type(key).__name__}")
         targets = self.target_modules
-        if targets is None:
+        if targets is None or targets == ALL_LINEAR:
             return
         if isinstance(targets, str):
             try:
@@ -132,10 +149,12 @@ class ResLoRAConfig:
         self.target_modules = list(targets)
 
     def matches(self, module_name: str) -> bool:
-        """Whether ``module_name`` (a full dotted name) is a target."""
+        """Whether ``module_name`` (a full dotted name) is one of the listed or regex targets
+        (``None`` and ``"all-linear"`` depend on the model: :func:`reslora_kernels.apply_reslora`
+        resolves them)."""
         targets = self.target_modules
-        if targets is None:
-            raise ValueError("ResLoRAConfig.target_modules is not set")
+        if targets is None or targets == ALL_LINEAR:
+            raise ValueError(f"target_modules={targets!r} depends on the model; apply_reslora resolves it")
         if isinstance(targets, str):
             return re.fullmatch(targets, module_name) is not None
         return any(module_name == t or module_name.endswith("." + t) for t in targets)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch.nn as nn
 
 from .apply import (
     ModelTransaction,
+    base_features,
     check_wrapping,
     execute_plan,
     plan_reslora,
@@ -249,20 +251,18 @@ def load_reslora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             chains=[(chain["name"], chain["blocks"]) for chain in meta["chains"]],
         )
         expected = {}
-        for (names, base), record in zip(plan.targets, records):
-            layer = FusedResLoRALinear(
-                base.in_features,
-                base.out_features,
-                bias=False,
-                device="meta",
-                dtype=base.weight.dtype,
-                **config.layer_kwargs(),
-            )
-            if _block_record(names[0], layer) != record:
-                raise ValueError(
-                    f"{names[0]} would get settings {_block_record(names[0], layer)} but the adapter has {record}"
+        for (_, base), record in zip(plan.targets, records):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # the config warned about its settings
+                layer = FusedResLoRALinear(
+                    *base_features(base), bias=False, device="meta", dtype=base.weight.dtype, **config.layer_kwargs()
                 )
-            expected.update(_expected_tensors(names[0], layer))
+            if _block_record(record["name"], layer) != record:
+                raise ValueError(
+                    f"{record['name']} would get settings {_block_record(record['name'], layer)} "
+                    f"but the adapter has {record}"
+                )
+            expected.update(_expected_tensors(record["name"], layer))
     _check_tensors(weights_file, tensors, expected)
     with ModelTransaction(model) as tx:
         if plan is not None:
@@ -302,7 +302,9 @@ def export_peft_adapter(
     terms = merge_terms(model, method, calibration, ridge)
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
+    fan_in_fan_out = False
     for block, term in terms:
+        fan_in_fan_out |= block.fan_in_fan_out
         name = names[id(block)]
         prefix = f"base_model.model.{name}"
         tensors[f"{prefix}.lora_A.weight"] = term.lora_A.float().cpu().contiguous()
@@ -326,7 +328,9 @@ def export_peft_adapter(
         "lora_dropout": 0.0,
         "target_modules": list(ranks),
         "bias": "none",
-        "fan_in_fan_out": False,
+        # PEFT's flag for Conv1D bases ([in, out] weights); PEFT sets it per module where a model
+        # mixes Linear and Conv1D targets (with a warning). The LoRA factors are the same either way.
+        "fan_in_fan_out": fan_in_fan_out,
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,

@@ -15,7 +15,7 @@ from . import functional, reference
 from .chain import ResLoRAChain
 from .config import validate_settings, warn_settings
 
-__all__ = ["FusedResLoRALinear", "is_conv1d"]
+__all__ = ["FusedResLoRALinear", "FusedResLoRAConv1D", "is_conv1d"]
 
 
 def is_conv1d(module: object) -> bool:
@@ -81,10 +81,8 @@ class FusedResLoRALinear(nn.Linear):
     ) -> "FusedResLoRALinear":
         """Wrap ``linear``: its ``weight`` and ``bias`` Parameters are reused (not copied) and frozen;
         :func:`reslora_kernels.merge_and_unload` gives ``linear`` itself back, folded."""
-        if is_conv1d(linear):
-            raise TypeError(
-                "from_linear got a transformers Conv1D (weight [in, out]): use FusedResLoRAConv1D.from_conv1d"
-            )
+        if is_conv1d(linear) or cls.fan_in_fan_out:
+            raise TypeError("a transformers Conv1D (weight [in, out]) is wrapped by FusedResLoRAConv1D.from_conv1d")
         if not isinstance(linear, nn.Linear) or isinstance(linear, FusedResLoRALinear):
             raise TypeError(f"from_linear needs a plain nn.Linear, got {type(linear).__name__}")
         return cls._wrap(linear, rank, alpha, dropout, mode, pre_num, norm_window)
@@ -105,12 +103,19 @@ class FusedResLoRALinear(nn.Linear):
         layer.reset_lora_parameters()
         return layer
 
+    #: How the base weight Parameter is stored: ``False`` as ``nn.Linear`` (``[out, in]``), ``True``
+    #: as transformers' ``Conv1D`` (``[in, out]``, :class:`FusedResLoRAConv1D`).
+    fan_in_fan_out = False
+
     def _setup(self, weight, bias, rank, alpha, dropout, mode, pre_num, norm_window) -> None:
         validate_settings(rank=rank, alpha=alpha, dropout=dropout, mode=mode, pre_num=pre_num, norm_window=norm_window)
         warn_settings(alpha=alpha, stacklevel=4)
         # nn.Linear.__init__ would allocate a weight we may not want (from_linear reuses one).
         nn.Module.__init__(self)
-        self.out_features, self.in_features = weight.shape
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = weight.shape
+        else:
+            self.out_features, self.in_features = weight.shape
         weight.requires_grad_(False)
         self.weight = weight
         if bias is not None:
@@ -259,6 +264,75 @@ class FusedResLoRALinear(nn.Linear):
         )
         if self.mode in ("bs", "ms"):
             text += f", pre_num={self.pre_num}"
+        if self.fan_in_fan_out:
+            text += ", fan_in_fan_out=True"
         if len(self._chain) > 1:
             text += f", chain={self._chain.name!r}[{self._chain_index}/{len(self._chain)}]"
         return text
+
+
+class FusedResLoRAConv1D(FusedResLoRALinear):
+    """transformers' ``Conv1D`` (GPT-2's ``c_attn``, ``c_proj``, ``c_fc``) with a ResLoRA block.
+
+    The base weight Parameter keeps Conv1D's ``[in, out]`` layout, so state dicts keep the
+    model's shapes; ``weight`` reads as its transposed ``[out, in]`` view, which is what the
+    ResLoRA op, the merge and everything else of :class:`FusedResLoRALinear` take (the backends
+    take strides: nothing is copied). Build one with :meth:`from_conv1d`;
+    :func:`reslora_kernels.merge_and_unload` gives the Conv1D back.
+    """
+
+    fan_in_fan_out = True
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        mode: str = "none",
+        pre_num: int = 1,
+        norm_window: int = 100,
+    ) -> None:
+        factory = {"device": device, "dtype": dtype}
+        weight = nn.Parameter(torch.empty((in_features, out_features), **factory))
+        bias = nn.Parameter(torch.empty(out_features, **factory))  # Conv1D always has one
+        self._setup(weight, bias, rank, alpha, dropout, mode, pre_num, norm_window)
+        self.reset_parameters()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight as ``[out, in]``: a view of the ``[in, out]`` Parameter."""
+        param = self._parameters.get("weight")
+        if param is None:  # not registered yet (nn.Module.__setattr__ probes with hasattr)
+            raise AttributeError("weight")
+        return param.t()
+
+    @classmethod
+    def from_conv1d(
+        cls,
+        conv: nn.Module,
+        *,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        mode: str = "none",
+        pre_num: int = 1,
+        norm_window: int = 100,
+    ) -> "FusedResLoRAConv1D":
+        """Wrap ``conv`` (a transformers ``Conv1D``): its Parameters are reused (not copied) and
+        frozen; :func:`reslora_kernels.merge_and_unload` gives ``conv`` itself back, folded."""
+        if not is_conv1d(conv):
+            raise TypeError(f"from_conv1d needs a transformers Conv1D, got {type(conv).__name__}")
+        return cls._wrap(conv, rank, alpha, dropout, mode, pre_num, norm_window)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the base weight and bias as ``Conv1D`` does (normal, std 0.02; zeros),
+        and the LoRA block."""
+        with torch.no_grad():
+            nn.init.normal_(self._parameters["weight"], std=0.02)
+            nn.init.zeros_(self.bias)
+        self.reset_lora_parameters()

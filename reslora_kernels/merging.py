@@ -312,6 +312,10 @@ def folded_weight(block: FusedResLoRALinear, term: MergeTerm) -> torch.Tensor:
     """A new tensor holding ``block``'s base weight Parameter with ``term`` folded in (the product
     accumulated in float32 on the fastest fold for the device); the block is not changed."""
     weight = block._parameters["weight"].detach().clone()
+    if block.fan_in_fan_out:
+        # The Parameter is stored [in, out] (Conv1D): fold the transposed update, W^T += c A^T B^T.
+        lora_B, lora_A = term.lora_A.t().contiguous(), term.lora_B.t().contiguous()
+        return functional.fold_lora_(weight, lora_B, lora_A, term.coef)
     return functional.fold_lora_(weight, term.lora_B, term.lora_A, term.coef)
 
 
@@ -327,9 +331,14 @@ def _nonfinite_cause(block: FusedResLoRALinear, term: MergeTerm) -> str:
 
 def _original_module(layer: FusedResLoRALinear) -> nn.Module:
     """The module a block goes back to: the one it was made from (its own Parameters put back),
-    else a new ``nn.Linear`` around the block's Parameters."""
+    else a new ``nn.Linear`` (``Conv1D`` for :class:`FusedResLoRAConv1D`) around the block's Parameters."""
     original = layer.__dict__.get("_original_module")
-    if original is None:
+    if original is None and layer.fan_in_fan_out:
+        from transformers.pytorch_utils import Conv1D
+
+        with torch.device("meta"):
+            original = Conv1D(layer.out_features, layer.in_features)
+    elif original is None:
         original = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
     original.weight = layer._parameters["weight"]
     if layer.bias is not None or "bias" in original._parameters:
