@@ -535,12 +535,14 @@ def execute_plan(model: nn.Module, plan: ApplyPlan, tx: ModelTransaction) -> dic
 def apply_reslora(model: nn.Module, config: ResLoRAConfig) -> nn.Module:
     """Put ResLoRA into ``model`` in place and return it.
 
-    Every ``nn.Linear`` whose name matches ``config.target_modules`` becomes a
-    :class:`FusedResLoRALinear` reusing its weight and bias; every other parameter is frozen.
-    For modes is/bs/ms the blocks are linked into one chain per :func:`chain_key` (one per target
-    position), in model order; where a block's (in, out) shape differs from its predecessor's a new
-    chain starts, with a warning naming both modules. Works on any ``nn.Module``, HuggingFace
-    models included. :func:`reslora_summary` reports what was replaced.
+    Every linear layer chosen by ``config.target_modules`` (a list of names, a regex,
+    ``"all-linear"``, or ``None`` for the defaults of ``model.config.model_type``) becomes a
+    :class:`FusedResLoRALinear` (:class:`FusedResLoRAConv1D` for a transformers ``Conv1D``) reusing
+    its weight and bias; every other parameter is frozen. For modes is/bs/ms the blocks are linked
+    into chains by ``config.chain_key`` (default: the rule of :func:`chain_key`: one chain per target
+    position, in model order, split with a warning where the shape changes; MoE experts unchained,
+    with a warning; a warning if no chain forms at all). Works on any ``nn.Module``, HuggingFace
+    models included. :func:`reslora_summary` reports what was replaced and how it was chained.
 
     A ``torch.compile``-wrapped model is looked through (the compiled wrapper is returned);
     DDP/FSDP wrappers must be built after ResLoRA is applied and are refused.
