@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from .chain import link_chain
+from .chain import ResLoRAChain, link_chain
 from .config import ALL_LINEAR, DEFAULT_TARGET_MODULES, ResLoRAConfig
 from .layer import FusedResLoRAConv1D, FusedResLoRALinear, is_conv1d
 
@@ -526,8 +526,13 @@ def execute_plan(model: nn.Module, plan: ApplyPlan, tx: ModelTransaction) -> dic
     for names, _ in plan.targets:
         for name in names:
             tx.set_module(name, layers[clean_name(names[0])])
+    linked = set()
     for chain_name, members in plan.chains:
         link_chain([layers[m] for m in members], name=chain_name, block_names=members)
+        linked.update(members)
+    for name, layer in layers.items():
+        if name not in linked:  # a chain of its own, named, so that its errors can say which block
+            ResLoRAChain([layer], block_names=[name])
     tx.setattr(model, "reslora_config", config)
     return layers
 

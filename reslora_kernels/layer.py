@@ -257,6 +257,15 @@ class FusedResLoRALinear(nn.Linear):
         norms = norms[norms > 0]
         return float(norms.mean()) if norms.numel() else 0.0
 
+    def _where(self) -> str:
+        """The block's name in its chain, for error messages (a shape error in forward should
+        start with it): ``"layers.3.q_proj (block 3 of chain 'layers.*.q_proj')"``."""
+        chain = self._chain
+        name = chain.block_names[self._chain_index] if chain.block_names else "an unlinked block"
+        if len(chain) == 1:
+            return name if chain.name is None else f"{name} (chain {chain.name!r})"
+        return f"{name} (block {self._chain_index} of chain {chain.name!r})"
+
     def extra_repr(self) -> str:
         text = (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

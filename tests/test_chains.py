@@ -184,3 +184,12 @@ def test_alpha_zero_warns_once_where_it_is_set():
         FusedResLoRALinear(4, 4, alpha=0)
     with pytest.warns(UserWarning, match="alpha=0"):
         FusedResLoRALinear.from_linear(nn.Linear(4, 4), alpha=0.0)
+
+
+def test_a_block_can_say_where_it_is_for_error_messages():
+    model = MoE()
+    with pytest.warns(UserWarning, match="parallel copies"):
+        apply_reslora(model, ResLoRAConfig(mode="is", target_modules=["w1", "attn"]))
+    assert model.layers[2].attn._where() == "layers.2.attn (block 2 of chain 'layers.*.attn')"
+    assert model.layers[0].experts[1]["w1"]._where() == "layers.0.experts.1.w1"  # unchained, still named
+    assert FusedResLoRALinear(4, 4)._where() == "block 0"
