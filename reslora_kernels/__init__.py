@@ -2,11 +2,11 @@
 
 from .apply import ResLoRASummary, apply_reslora, chain_key, reslora_blocks, reslora_summary
 from .chain import ChainOrderError, ResLoRAChain, link_chain
-from .config import MODES, ResLoRAConfig
+from .config import ALL_LINEAR, DEFAULT_TARGET_MODULES, MODES, ResLoRAConfig
 from .functional import fold_lora_, fold_report, reslora_linear, resolve_backend
 from .io import export_peft_adapter, load_reslora, save_reslora
-from .layer import FusedResLoRALinear
-from .merging import MERGE_METHODS, merge_and_unload, merge_report
+from .layer import FusedResLoRAConv1D, FusedResLoRALinear
+from .merging import MERGE_METHODS, MergeReport, merge_and_unload, merge_report
 
 __version__ = "0.1.0"
 
@@ -15,6 +15,9 @@ __all__ = [
     "MERGE_METHODS",
     "ResLoRAConfig",
     "FusedResLoRALinear",
+    "FusedResLoRAConv1D",
+    "ALL_LINEAR",
+    "DEFAULT_TARGET_MODULES",
     "ResLoRAChain",
     "ChainOrderError",
     "link_chain",
@@ -25,6 +28,7 @@ __all__ = [
     "ResLoRASummary",
     "merge_and_unload",
     "merge_report",
+    "MergeReport",
     "export_peft_adapter",
     "fold_lora_",
     "fold_report",

@@ -42,7 +42,7 @@ import torch
 if TYPE_CHECKING:
     from .layer import FusedResLoRALinear
 
-__all__ = ["ChainOrderError", "ResLoRAChain", "link_chain", "track_passes"]
+__all__ = ["ChainOrderError", "ResLoRAChain", "link_chain", "track_passes", "untrack_passes"]
 
 
 class ChainOrderError(RuntimeError):
@@ -108,12 +108,13 @@ class _PassTracker:
         self._local = threading.local()
 
     def __getstate__(self):
-        # deepcopy / pickle of the model: the chains are copied with it (through the memo), the
-        # per-thread call state is not.
-        return {"chains": list(self.chains)}
+        # deepcopy / pickle of the model: the chains and hook handles are copied with it (through
+        # the memo), the per-thread call state is not.
+        return {"chains": list(self.chains), "handles": self.handles}
 
     def __setstate__(self, state) -> None:
         self.chains = weakref.WeakSet(state["chains"])
+        self.handles = state["handles"]
         self._local = threading.local()
 
     def current(self) -> int | None:
@@ -146,13 +147,28 @@ def track_passes(model: torch.nn.Module, chains: Sequence[ResLoRAChain] = ()) ->
     tracker = getattr(model, "_reslora_pass_tracker", None)
     if tracker is None:
         tracker = _PassTracker()
-        model.register_forward_pre_hook(tracker.enter)
-        model.register_forward_hook(tracker.exit, always_call=True)
-        # Not a submodule, buffer or parameter: invisible to state_dict, .to() and deepcopy's users.
+        tracker.handles = [
+            model.register_forward_pre_hook(tracker.enter),
+            model.register_forward_hook(tracker.exit, always_call=True),
+        ]
+        # Not a submodule, buffer or parameter: invisible to state_dict and .to().
         object.__setattr__(model, "_reslora_pass_tracker", tracker)
     for chain in chains:
         chain._tracker = tracker
         tracker.chains.add(chain)
+
+
+def untrack_passes(model: torch.nn.Module) -> list[ResLoRAChain]:
+    """Undo :func:`track_passes`: remove the hooks from ``model`` and detach its chains (returned)."""
+    tracker = model.__dict__.pop("_reslora_pass_tracker", None)
+    if tracker is None:
+        return []
+    for handle in tracker.handles:
+        handle.remove()
+    chains = list(tracker.chains)
+    for chain in chains:
+        chain._tracker = None
+    return chains
 
 
 class ResLoRAChain:

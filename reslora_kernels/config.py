@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, Union
 
 #: Residual-shortcut modes, named as in the paper (DESIGN.md section 2).
 #: ``none`` is plain LoRA, ``is`` input-shortcut, ``bs`` block-shortcut, ``ms`` middle-shortcut.
@@ -40,6 +41,38 @@ def validate_settings(*, rank: Any, alpha: Any, dropout: Any, mode: Any, pre_num
         raise ValueError(f"norm_window must be an int >= 1, got {norm_window!r}")
 
 
+def warn_settings(*, alpha: float, stacklevel: int = 3) -> None:
+    """Warn about settings that are valid but almost certainly a mistake."""
+    if alpha == 0:
+        warnings.warn(
+            "ResLoRA: alpha=0 makes the scaling alpha / rank zero: the LoRA branch adds nothing and "
+            "lora_A, lora_B get zero gradients, so nothing trains",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+
+
+#: ``target_modules`` shorthand for every linear layer (``nn.Linear`` and transformers' ``Conv1D``)
+#: but the model's output head, as PEFT means it (peft/tuners/tuners_utils.py,
+#: ``_maybe_include_all_linear_layers``).
+ALL_LINEAR = "all-linear"
+
+#: Targets used when ``target_modules`` is omitted, by ``model.config.model_type``: the attention
+#: query and value projections, the choice of PEFT's ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``
+#: (peft/utils/constants.py, checked against peft 0.21) for the same families.
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "gemma", "gemma2", "bart"), ["q_proj", "v_proj"]),
+    "gpt2": ["c_attn"],
+    **dict.fromkeys(("bert", "roberta"), ["query", "value"]),
+    "t5": ["q", "v"],
+}
+
+#: A chain-key rule: a regular expression (every match in a module name is replaced by ``*``) or a
+#: function from a module name to its chain key (``None``: the module forms no chain), or to
+#: ``(key, order)`` to set the order of the blocks in their chain.
+ChainKey = Union[str, Callable[[str], Any]]
+
+
 @dataclass
 class ResLoRAConfig:
     """How :func:`reslora_kernels.apply_reslora` puts ResLoRA into a model.
@@ -52,12 +85,22 @@ class ResLoRAConfig:
         dropout: dropout probability on the LoRA input (identity in eval mode).
         pre_num: for ``bs`` and ``ms``, how many previous blocks a block sums over;
             ``-1`` means all of them. Ignored by ``none`` and ``is``.
-        target_modules: which ``nn.Linear`` modules to replace. A list/tuple of names matches a
-            module whose full name equals an entry or ends with ``"." + entry`` (``"q_proj"``
-            matches ``model.layers.3.self_attn.q_proj``); a single string is a regular
-            expression that must match the full module name.
+        target_modules: which linear layers (``nn.Linear``, transformers' ``Conv1D``) to replace.
+            A list/tuple of names matches a module whose full name equals an entry or ends with
+            ``"." + entry`` (``"q_proj"`` matches ``model.layers.3.self_attn.q_proj``); a single
+            string is a regular expression that must match the full module name; ``"all-linear"``
+            is every linear layer but the output head (PEFT's meaning); ``None`` takes the
+            defaults for ``model.config.model_type`` (:data:`DEFAULT_TARGET_MODULES`).
         norm_window: how many recent training forwards the input-norm statistics average over
             (used by the ``input_norm`` merge).
+        chain_key: which blocks form a chain (is/bs/ms). ``None``: the default rule of
+            :func:`reslora_kernels.chain_key` (every layer index becomes ``*``; MoE experts form
+            no chain; blocks in model order). A string is a regular expression: every match in a module name is replaced
+            by ``*``, and modules with the same result form one chain (``r"(?<=block)\\d+"`` chains
+            ``block1.proj``, ``block2.proj``, ...). A function maps a module name to its key, to
+            ``None`` (no chain) or to ``(key, order)``; blocks are chained in model order, or by
+            ``order`` when given. A regex is saved with the adapter; a function is not (the
+            chains it formed are, and :func:`reslora_kernels.load_reslora` links those).
     """
 
     mode: str = "is"
@@ -67,6 +110,7 @@ class ResLoRAConfig:
     pre_num: int = 1
     target_modules: str | Sequence[str] | None = None
     norm_window: int = 100
+    chain_key: ChainKey | None = None
 
     def __post_init__(self) -> None:
         validate_settings(
@@ -77,8 +121,19 @@ class ResLoRAConfig:
             pre_num=self.pre_num,
             norm_window=self.norm_window,
         )
+        warn_settings(alpha=self.alpha, stacklevel=4)
+        key = self.chain_key
+        if isinstance(key, str):
+            try:
+                re.compile(key)
+            except re.error as err:
+                raise ValueError(f"chain_key {key!r} is not a valid regex: {err}") from None
+            if re.search(key, "") is not None:
+                raise ValueError(f"chain_key {key!r} matches the empty string: it must match the layer index part")
+        elif key is not None and not callable(key):
+            raise TypeError(f"chain_key must be a regex string, a function or None, got {type(key).__name__}")
         targets = self.target_modules
-        if targets is None:
+        if targets is None or targets == ALL_LINEAR:
             return
         if isinstance(targets, str):
             try:
@@ -94,10 +149,12 @@ class ResLoRAConfig:
         self.target_modules = list(targets)
 
     def matches(self, module_name: str) -> bool:
-        """Whether ``module_name`` (a full dotted name) is a target."""
+        """Whether ``module_name`` (a full dotted name) is one of the listed or regex targets
+        (``None`` and ``"all-linear"`` depend on the model: :func:`reslora_kernels.apply_reslora`
+        resolves them)."""
         targets = self.target_modules
-        if targets is None:
-            raise ValueError("ResLoRAConfig.target_modules is not set")
+        if targets is None or targets == ALL_LINEAR:
+            raise ValueError(f"target_modules={targets!r} depends on the model; apply_reslora resolves it")
         if isinstance(targets, str):
             return re.fullmatch(targets, module_name) is not None
         return any(module_name == t or module_name.endswith("." + t) for t in targets)
@@ -114,7 +171,12 @@ class ResLoRAConfig:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings as JSON-ready values; a ``chain_key`` function cannot be saved and becomes
+        ``None`` (the chains it formed are saved by :func:`reslora_kernels.save_reslora`)."""
+        data = dataclasses.asdict(self)
+        if callable(data["chain_key"]):
+            data["chain_key"] = None
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ResLoRAConfig":

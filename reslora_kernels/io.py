@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import warnings
 from collections import Counter
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .apply import apply_reslora, reslora_blocks
+from .apply import (
+    ModelTransaction,
+    base_features,
+    check_wrapping,
+    execute_plan,
+    plan_reslora,
+    refuse_sharded,
+    reslora_blocks,
+    sharded_by,
+    unwrap_model,
+    whole_parameters,
+)
 from .config import ResLoRAConfig
 from .layer import FusedResLoRALinear
 from .merging import chains_of, merge_terms
@@ -20,7 +33,7 @@ __all__ = ["save_reslora", "load_reslora", "export_peft_adapter", "CONFIG_NAME",
 
 CONFIG_NAME = "reslora_config.json"
 WEIGHTS_NAME = "reslora_adapter.safetensors"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 
 
 def _block_record(name: str, layer: FusedResLoRALinear) -> dict:
@@ -46,83 +59,218 @@ def _chain_records(blocks: list[tuple[str, FusedResLoRALinear]]) -> list[dict]:
     ]
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _meta_sha256(meta: dict) -> str:
+    """The checksum of an adapter config: its content without the checksum entry, canonically."""
+    return _sha256(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
+
+
+def _write_atomically(files: dict[Path, bytes]) -> None:
+    """Write every file beside its destination first, then move them into place, so that an
+    interrupted write never leaves a truncated file under the final name (a crash between the
+    moves leaves a pair whose checksums disagree, which :func:`load_reslora` reports)."""
+    staged = []
+    try:
+        for path, data in files.items():
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            staged.append(tmp)
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        for tmp, path in zip(staged, files):
+            os.replace(tmp, path)
+    finally:
+        for tmp in staged:
+            tmp.unlink(missing_ok=True)
+
+
+def _check_finite(what: str, tensor: torch.Tensor) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{what} holds Inf/NaN")
+
+
 def save_reslora(model: nn.Module, path: str | os.PathLike) -> None:
     """Write the adapter (``lora_A``, ``lora_B`` and the merge statistics of every block) to
-    ``path/reslora_adapter.safetensors`` and the config, block list and chains to
-    ``path/reslora_config.json``. :func:`load_reslora` reads them back bit-exactly."""
-    from safetensors.torch import save_file
+    ``path/reslora_adapter.safetensors`` and the config, block list, chains and the SHA-256 of
+    both to ``path/reslora_config.json``. :func:`load_reslora` reads them back bit-exactly.
+
+    Refuses (before writing anything) an adapter holding Inf/NaN; the files are written beside
+    their destination and moved into place, so an interrupted save never leaves a truncated file.
+    A wrapped model (DDP, FSDP or FSDP2, torch.compile) is saved under its bare names, so the
+    files load into the bare model; under FSDP every rank gathers the adapters (call it on one rank
+    or on all; the files are the same).
+    """
+    from safetensors.torch import save
 
     blocks = reslora_blocks(model)
     if not blocks:
         raise ValueError("the model has no ResLoRA layers to save")
     tensors: dict[str, torch.Tensor] = {}
-    for name, layer in blocks:
-        for key, tensor in layer.state_dict().items():
-            if key not in ("weight", "bias"):
-                tensors[f"{name}.{key}"] = tensor.detach().cpu().contiguous()
-    config = getattr(model, "reslora_config", None)
+    with whole_parameters(model):
+        for name, layer in blocks:
+            for key, tensor in layer.state_dict().items():
+                if key not in ("weight", "bias"):
+                    tensor = tensor.detach()
+                    if hasattr(tensor, "full_tensor"):  # an FSDP2 (DTensor) shard: gather it
+                        tensor = tensor.full_tensor()
+                    _check_finite(f"cannot save: {name}.{key}", tensor)
+                    # A copy: under FSDP the gathered storage is freed when the context ends.
+                    tensors[f"{name}.{key}"] = tensor.to("cpu", copy=True).contiguous()
+    config = getattr(unwrap_model(model), "reslora_config", None)
     meta = {
         "format_version": _FORMAT_VERSION,
         "config": config.to_dict() if config is not None else None,
         "blocks": [_block_record(name, layer) for name, layer in blocks],
         "chains": _chain_records(blocks),
     }
+    weights = save(tensors, metadata={"format": "pt"})
+    meta["sha256"] = {"weights": _sha256(weights)}
+    meta["sha256"]["config"] = _meta_sha256(meta)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    _write_atomically({out / WEIGHTS_NAME: weights, out / CONFIG_NAME: (json.dumps(meta, indent=2) + "\n").encode()})
+
+
+def _read_adapter(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The config and the tensors of an adapter directory, both checked against their checksums."""
+    from safetensors.torch import load
+
+    config_file, weights_file = src / CONFIG_NAME, src / WEIGHTS_NAME
+    if not config_file.is_file() or not weights_file.is_file():
+        raise FileNotFoundError(f"{src} does not hold {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        meta = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_file} is not valid JSON ({err}): the file is corrupted") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{config_file} is not a ResLoRA adapter config")
+    version = meta.get("format_version")
+    if version != _FORMAT_VERSION:
+        hint = " (written before adapter files carried checksums: re-save it with that version)" if version == 1 else ""
+        raise ValueError(f"{config_file} has format_version {version!r}, expected {_FORMAT_VERSION}{hint}")
+    sha = meta.get("sha256")
+    if not isinstance(sha, dict) or _meta_sha256(meta) != sha.get("config"):
+        raise ValueError(f"{config_file} does not match its SHA-256 checksum: the file is corrupted or was edited")
+    data = weights_file.read_bytes()
+    if _sha256(data) != sha.get("weights"):
+        raise ValueError(
+            f"{weights_file} does not match the SHA-256 checksum recorded in {config_file}: "
+            "the file is corrupted or belongs to another save"
+        )
+    return meta, load(data)
+
+
+def _loadable(saved: torch.dtype, target: torch.dtype) -> bool:
+    """Whether values of dtype ``saved`` fit ``target`` exactly (the same dtype, or a lossless
+    widening such as bfloat16 -> float32)."""
+    if saved == target:
+        return True
+    both_float = saved.is_floating_point and target.is_floating_point
+    return both_float and torch.promote_types(saved, target) == target
+
+
+def _expected_tensors(name: str, layer: FusedResLoRALinear) -> dict[str, torch.Tensor]:
+    return {f"{name}.{key}": t for key, t in layer.state_dict(keep_vars=True).items() if key not in ("weight", "bias")}
+
+
+def _check_tensors(file: Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Every tensor the model needs is in the file with its shape, a dtype it can take without
+    loss, and valid values; nothing else is."""
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{file}: tensors missing {missing}, unexpected {unexpected}")
+    for key, target in expected.items():
+        source = tensors[key]
+        if source.shape != target.shape:
+            raise ValueError(f"{file}: {key} is {tuple(source.shape)}, the model's is {tuple(target.shape)}")
+        if not _loadable(source.dtype, target.dtype):
+            raise ValueError(
+                f"{file}: {key} is {source.dtype} but the model's is {target.dtype}, which cannot hold it "
+                f"exactly; convert the model to {source.dtype} (model.to(...)) before loading"
+            )
+        _check_finite(f"{file}: {key}", source)
+        if key.rsplit(".", 1)[-1].startswith("norm_") and bool((source < 0).any()):
+            raise ValueError(f"{file}: {key} holds negative values; merge statistics are squared norms and counts")
 
 
 @torch.no_grad()
 def load_reslora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load an adapter written by :func:`save_reslora` into ``model`` and return it.
 
-    A model without ResLoRA layers first gets :func:`apply_reslora` with the saved config; a model
-    that has them (built or linked by hand) must have the same blocks, settings and chains.
-    Any difference is an error naming it.
-    """
-    from safetensors.torch import load_file
+    A model without ResLoRA layers first gets exactly the blocks and chains the adapter was saved
+    with (settings from the saved config); a model that has them (built or linked by hand) must
+    have the same blocks, settings and chains. Any difference is an error naming it.
 
+    Atomic: both files' checksums, every block name, setting and base layer, every tensor's
+    presence, shape, dtype (the same, or one the model's holds exactly: bfloat16 into float32)
+    and values (finite adapters, non-negative statistics) are checked before anything changes;
+    should a later step fail the model is left as it was. DDP and torch.compile wrappers are
+    looked through (a model without ResLoRA yet must not be in DDP: load, then wrap); FSDP-sharded
+    models are refused (load before sharding).
+    """
     src = Path(path)
-    if not (src / CONFIG_NAME).is_file() or not (src / WEIGHTS_NAME).is_file():
-        raise FileNotFoundError(f"{src} does not hold {CONFIG_NAME} and {WEIGHTS_NAME}")
-    meta = json.loads((src / CONFIG_NAME).read_text())
-    if meta.get("format_version") != _FORMAT_VERSION:
-        raise ValueError(
-            f"{src / CONFIG_NAME} has format_version {meta.get('format_version')!r}, expected {_FORMAT_VERSION}"
-        )
-    if not reslora_blocks(model):
+    meta, tensors = _read_adapter(src)
+    weights_file = src / WEIGHTS_NAME
+    records = meta["blocks"]
+    saved = {record["name"]: record for record in records}
+    if sharded_by(model) is not None:
+        check_wrapping(model)  # raises: load before sharding
+    blocks = reslora_blocks(model)
+    given, model = model, unwrap_model(model) if blocks else check_wrapping(model)
+    plan = None
+    if blocks:
+        have = {name for name, _ in blocks}
+        missing, unexpected = sorted(set(saved) - have), sorted(have - set(saved))
+        if missing or unexpected:
+            raise ValueError(
+                f"ResLoRA blocks differ from {src}: missing in the model {missing}, not in the adapter {unexpected}"
+            )
+        for name, layer in blocks:
+            if _block_record(name, layer) != saved[name]:
+                raise ValueError(f"{name} has settings {_block_record(name, layer)} but the adapter has {saved[name]}")
+        chains = sorted(map(json.dumps, _chain_records(blocks)))
+        if chains != sorted(map(json.dumps, meta["chains"])):
+            raise ValueError(f"the model's ResLoRA chains differ from those saved in {src}")
+        expected = {}
+        for name, layer in blocks:
+            expected.update(_expected_tensors(name, layer))
+    else:
         if meta["config"] is None:
             raise ValueError(
                 f"{src} was saved from layers built by hand (no ResLoRAConfig); build and link them, then load"
             )
-        apply_reslora(model, ResLoRAConfig.from_dict(meta["config"]))
-    blocks = reslora_blocks(model)
-    saved = {record["name"]: record for record in meta["blocks"]}
-    have = {name for name, _ in blocks}
-    missing, unexpected = sorted(set(saved) - have), sorted(have - set(saved))
-    if missing or unexpected:
-        raise ValueError(
-            f"ResLoRA blocks differ from {src}: missing in the model {missing}, not in the adapter {unexpected}"
+        config = ResLoRAConfig.from_dict(meta["config"])
+        plan = plan_reslora(
+            model,
+            config,
+            block_names=[record["name"] for record in records],
+            chains=[(chain["name"], chain["blocks"]) for chain in meta["chains"]],
         )
-    for name, layer in blocks:
-        if _block_record(name, layer) != saved[name]:
-            raise ValueError(f"{name} has settings {_block_record(name, layer)} but the adapter has {saved[name]}")
-    chains = sorted(map(json.dumps, _chain_records(blocks)))
-    if chains != sorted(map(json.dumps, meta["chains"])):
-        raise ValueError(f"the model's ResLoRA chains differ from those saved in {src}")
-    tensors = load_file(str(src / WEIGHTS_NAME))
-    for name, layer in blocks:
-        for key, target in layer.state_dict(keep_vars=True).items():
-            if key in ("weight", "bias"):
-                continue
-            source = tensors.pop(f"{name}.{key}", None)
-            if source is None or source.shape != target.shape:
-                raise ValueError(f"{src / WEIGHTS_NAME}: {name}.{key} is missing or has the wrong shape")
-            target.copy_(source)
-    if tensors:
-        raise ValueError(f"{src / WEIGHTS_NAME} holds unexpected tensors: {sorted(tensors)}")
-    return model
+        expected = {}
+        for (_, base), record in zip(plan.targets, records):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # the config warned about its settings
+                layer = FusedResLoRALinear(
+                    *base_features(base), bias=False, device="meta", dtype=base.weight.dtype, **config.layer_kwargs()
+                )
+            if _block_record(record["name"], layer) != record:
+                raise ValueError(
+                    f"{record['name']} would get settings {_block_record(record['name'], layer)} "
+                    f"but the adapter has {record}"
+                )
+            expected.update(_expected_tensors(record["name"], layer))
+    _check_tensors(weights_file, tensors, expected)
+    with ModelTransaction(model) as tx:
+        if plan is not None:
+            blocks = list(execute_plan(model, plan, tx).items())
+        for name, layer in blocks:
+            for key, target in _expected_tensors(name, layer).items():
+                tx.copy_(target, tensors[key])
+    return given
 
 
 @torch.no_grad()
@@ -138,19 +286,31 @@ def export_peft_adapter(
     for bs (exact). Ranks that differ from the most common one go to ``rank_pattern``; every
     module has scaling 1 (``lora_alpha`` equal to its rank), the ResLoRA scaling being folded into
     ``lora_B``. Weights are saved in float32. ``method``, ``calibration`` and ``ridge`` are those of
-    :func:`reslora_kernels.merge_and_unload`; the model is not changed.
+    :func:`reslora_kernels.merge_and_unload`; the model is not changed. A merge term holding
+    Inf/NaN is an error naming the block, raised before anything is written.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
+    refuse_sharded(model, "export_peft_adapter")
+    model = unwrap_model(model)
     names = {id(layer): name for name, layer in reslora_blocks(model)}
+    if "" in names.values():
+        raise ValueError(
+            "export_peft_adapter needs the model a layer sits in: a bare FusedResLoRALinear has no module name "
+            "for PEFT's target_modules. Put it in a module (e.g. nn.Sequential(layer)) and export that"
+        )
     terms = merge_terms(model, method, calibration, ridge)
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
+    fan_in_fan_out = False
     for block, term in terms:
+        fan_in_fan_out |= block.fan_in_fan_out
         name = names[id(block)]
         prefix = f"base_model.model.{name}"
         tensors[f"{prefix}.lora_A.weight"] = term.lora_A.float().cpu().contiguous()
         tensors[f"{prefix}.lora_B.weight"] = (term.coef * term.lora_B.float()).cpu().contiguous()
+        for key in (f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"):
+            _check_finite(f"cannot export {name}: its merged {key.rsplit('.', 2)[-2]}", tensors[key])
         ranks[name] = term.lora_A.shape[0]
     rank = Counter(ranks.values()).most_common(1)[0][0]
     # PEFT reads pattern keys as regular expressions: escape the module names.
@@ -168,13 +328,20 @@ def export_peft_adapter(
         "lora_dropout": 0.0,
         "target_modules": list(ranks),
         "bias": "none",
-        "fan_in_fan_out": False,
+        # PEFT's flag for Conv1D bases ([in, out] weights); PEFT sets it per module where a model
+        # mixes Linear and Conv1D targets (with a warning). The LoRA factors are the same either way.
+        "fan_in_fan_out": fan_in_fan_out,
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,
         "modules_to_save": None,
     }
+    weights = save(tensors, metadata={"format": "pt"})
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _write_atomically(
+        {
+            out / "adapter_model.safetensors": weights,
+            out / "adapter_config.json": (json.dumps(config, indent=2) + "\n").encode(),
+        }
+    )

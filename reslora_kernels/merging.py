@@ -14,6 +14,7 @@ The coefficients ``a_n`` follow the authors' code: a ratio with a zero statistic
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -24,7 +25,8 @@ import torch
 import torch.nn as nn
 
 from . import functional
-from .apply import reslora_blocks, set_module
+from .apply import ModelTransaction, refuse_sharded, reslora_blocks, set_module, skipped_norms, unwrap_model
+from .chain import track_passes, untrack_passes
 from .layer import FusedResLoRALinear
 
 if TYPE_CHECKING:
@@ -40,8 +42,10 @@ __all__ = [
     "calibrate_lstsq",
     "run_batch",
     "merge_terms",
+    "folded_weight",
     "merge_and_unload",
     "merge_report",
+    "MergeReport",
 ]
 
 MERGE_METHODS = ("auto", "exact", "input_norm", "weight_norm", "lstsq")
@@ -87,6 +91,20 @@ def input_norm_coefficients(chain: "ResLoRAChain") -> list[float]:
     """``a_n`` of the input-norm merge: is ``mu_{n-1} / mu_n`` (``a_0 = 1``); ms
     ``sum_{k=1..min(m,n)} nu_{n-k} / nu_n`` (``a_0 = 0``)."""
     stats = [block.recorded_norm_mean() for block in chain]
+    for name, stat in zip(chain.block_names, stats):
+        if not math.isfinite(stat):
+            raise ValueError(
+                f"the norm statistics of {name} (chain {chain.name!r}) hold Inf/NaN, which no training forward "
+                "records: they were set by hand or loaded from a damaged file. Reset them "
+                "(block.norm_sq_window.zero_(); block.norm_count.zero_()) or use another merge method"
+            )
+    skipped = skipped_norms(list(zip(chain.block_names, chain)))
+    if skipped:
+        warnings.warn(
+            f"input_norm merge of chain {chain.name!r}: training forwards with Inf/NaN norms were left out of the "
+            f"statistics ({', '.join(f'{name}: {n}' for name, n in skipped.items())})",
+            stacklevel=3,
+        )
     empty = [name for name, block in zip(chain.block_names, chain) if int(block.norm_count) == 0]
     if empty:
         warnings.warn(
@@ -275,9 +293,14 @@ def _check_untied(model: nn.Module, blocks: list[tuple[str, FusedResLoRALinear]]
     own: dict[int, set[str]] = defaultdict(set)
     for name, mod in model.named_modules(remove_duplicate=False):
         if isinstance(mod, FusedResLoRALinear):
-            own[id(mod.weight)].add(f"{name}.weight" if name else "weight")
+            own[id(mod._parameters["weight"])].add(f"{name}.weight" if name else "weight")
+    owner: dict[int, str] = {}
     for name, layer in blocks:
-        others = [n for n in holders[id(layer.weight)] if n not in own[id(layer.weight)]]
+        weight = layer._parameters["weight"]
+        others = [n for n in holders[id(weight)] if n not in own[id(weight)]]
+        if id(weight) in owner:
+            others.append(f"{owner[id(weight)]}.weight")
+        owner[id(weight)] = name
         if others:
             raise ValueError(
                 f"{name}.weight is tied to {', '.join(others)}: merging would change those too. "
@@ -286,8 +309,49 @@ def _check_untied(model: nn.Module, blocks: list[tuple[str, FusedResLoRALinear]]
 
 
 @torch.no_grad()
-def merge_and_unload(model: nn.Module, method: str = "auto", *, calibration=None, ridge: float = 1e-3) -> nn.Module:
-    """Fold every ResLoRA block into its base weight and put plain ``nn.Linear`` modules back.
+def folded_weight(block: FusedResLoRALinear, term: MergeTerm) -> torch.Tensor:
+    """A new tensor holding ``block``'s base weight Parameter with ``term`` folded in (the product
+    accumulated in float32 on the fastest fold for the device); the block is not changed."""
+    weight = block._parameters["weight"].detach().clone()
+    if block.fan_in_fan_out:
+        # The Parameter is stored [in, out] (Conv1D): fold the transposed update, W^T += c A^T B^T.
+        lora_B, lora_A = term.lora_A.t().contiguous(), term.lora_B.t().contiguous()
+        return functional.fold_lora_(weight, lora_B, lora_A, term.coef)
+    return functional.fold_lora_(weight, term.lora_B, term.lora_A, term.coef)
+
+
+def _nonfinite_cause(block: FusedResLoRALinear, term: MergeTerm) -> str:
+    if not (torch.isfinite(block.lora_A).all() and torch.isfinite(block.lora_B).all()):
+        return "its lora_A or lora_B holds Inf/NaN"
+    if not (torch.isfinite(term.lora_A).all() and torch.isfinite(term.lora_B).all()):
+        return "the adapters of the blocks it sums over, or its lstsq correction, hold Inf/NaN"
+    if not math.isfinite(term.coef):
+        return f"its merge coefficient is {term.coef} (from non-finite norm statistics)"
+    return f"the folded weight overflows {block.weight.dtype}"
+
+
+def _original_module(layer: FusedResLoRALinear) -> nn.Module:
+    """The module a block goes back to: the one it was made from (its own Parameters put back),
+    else a new ``nn.Linear`` (``Conv1D`` for :class:`FusedResLoRAConv1D`) around the block's Parameters."""
+    original = layer.__dict__.get("_original_module")
+    if original is None and layer.fan_in_fan_out:
+        from transformers.pytorch_utils import Conv1D
+
+        with torch.device("meta"):
+            original = Conv1D(layer.out_features, layer.in_features)
+    elif original is None:
+        original = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    original.weight = layer._parameters["weight"]
+    if layer.bias is not None or "bias" in original._parameters:
+        original.bias = layer.bias
+    return original
+
+
+@torch.no_grad()
+def merge_and_unload(
+    model: nn.Module, method: str = "auto", *, calibration=None, ridge: float = 1e-3, safe_merge: bool = True
+) -> nn.Module:
+    """Fold every ResLoRA block into its base weight and put the original linear modules back.
 
     Args:
         method: ``auto`` (``exact`` for none/bs, ``input_norm`` for is/ms), ``exact``,
@@ -296,6 +360,9 @@ def merge_and_unload(model: nn.Module, method: str = "auto", *, calibration=None
             ``model(t)``, a dict as ``model(**d)``); see below.
         ridge: for ``lstsq``, the ridge ``lambda`` relative to the mean eigenvalue of each
             block's input Gram matrix.
+        safe_merge: check that every merged weight is finite and raise, naming the block and the
+            cause, if one is not (the default). ``False`` merges whatever comes out (PEFT's name;
+            PEFT's default is ``False``, ours is the check).
 
     ``lstsq`` runs one streaming pass over ``calibration`` (eval mode, no grad) and accumulates
     per block the float32 sums ``sum x x^T`` ``[in, in]`` and ``sum S x^T`` ``[r, in]`` on the
@@ -304,28 +371,51 @@ def merge_and_unload(model: nn.Module, method: str = "auto", *, calibration=None
     the calibration data, plus ``2 * (in + r) * in`` flops per token and block, plus one float64
     Cholesky solve of size ``in`` per block.
 
-    The base weight Parameters are updated in place (the product accumulated in float32, on the
-    fastest fold for their device: :func:`reslora_kernels.fold_report`) and reused by the new
-    ``nn.Linear`` modules, which stay frozen. Returns the model (the new ``nn.Linear`` if
-    ``model`` itself was a single :class:`FusedResLoRALinear`); nothing of ResLoRA is left in it.
+    Atomic: the merge terms and every merged weight are computed out of place first (the product
+    accumulated in float32, on the fastest fold for the device: :func:`reslora_kernels.fold_report`),
+    so the merged weights of all blocks are held at once beside the unmerged ones (peak memory: one
+    extra copy of every adapted weight); only then are they swapped in and the modules replaced. Any
+    error leaves the model as it was. Each block goes back to the module it was made from (the same
+    object, its weight Parameter now holding the merged values, frozen), or to a new ``nn.Linear``
+    for a block built directly. Returns the model (that module if ``model`` itself was a single
+    :class:`FusedResLoRALinear`); nothing of ResLoRA is left in it. A model wrapped in DDP or
+    torch.compile is merged inside its wrapper and the bare model is returned (an FSDP-sharded one
+    is refused: merge an unsharded copy).
     """
+    refuse_sharded(model, "merge_and_unload")
+    model = unwrap_model(model)
     blocks = reslora_blocks(model)
-    terms = merge_terms(model, method, calibration, ridge)
+    if not blocks:
+        raise ValueError("the model has no ResLoRA layers to merge")
     _check_untied(model, blocks)
+    names = {id(layer): name for name, layer in blocks}
+    terms = merge_terms(model, method, calibration, ridge)
+    merged: list[tuple[FusedResLoRALinear, torch.Tensor]] = []
     for block, term in terms:
-        functional.fold_lora_(block.weight, term.lora_B, term.lora_A, term.coef)
-    replacements = {id(layer): _plain_linear(layer) for _, layer in blocks}
+        weight = folded_weight(block, term)
+        if safe_merge and not torch.isfinite(weight).all():
+            raise ValueError(
+                f"merging {names[id(block)] or 'the layer'} gives non-finite weights: {_nonfinite_cause(block, term)}. "
+                "Nothing was changed; pass safe_merge=False to merge anyway"
+            )
+        merged.append((block, weight))
+    replacements = {id(layer): _original_module(layer) for _, layer in blocks}
+    with ModelTransaction(model) as tx:
+        for block, weight in merged:
+            tx.set_data(block._parameters["weight"], weight)
+        root = replacements.get(id(model))
+        if root is None:
+            for name, mod in list(model.named_modules(remove_duplicate=False)):
+                if name and id(mod) in replacements:
+                    tx.set_module(name, replacements[id(mod)])
+            tx.delattr(model, "reslora_config")
+            for mod in model.modules():  # the pass hooks of apply_reslora / link_chain(model=)
+                chains = untrack_passes(mod)
+                if chains:
+                    tx.on_undo(lambda mod=mod, chains=chains: track_passes(mod, chains))
     for chain in chains_of(blocks):
         chain.reset()
-    root = replacements.get(id(model))
-    if root is not None:
-        return root
-    for name, mod in list(model.named_modules(remove_duplicate=False)):
-        if name and id(mod) in replacements:
-            set_module(model, name, replacements[id(mod)])
-    if "reslora_config" in vars(model):
-        del model.reslora_config
-    return model
+    return model if root is None else root
 
 
 def _output_tensor(output) -> torch.Tensor:
@@ -344,8 +434,20 @@ def _output_tensor(output) -> torch.Tensor:
     raise TypeError(f"cannot find an output tensor in a {type(output).__name__}")
 
 
+class MergeReport(dict):
+    """:func:`merge_report`'s result: method -> relative output error, and in ``skipped_norms``
+    the training forwards per block whose Inf/NaN norm the merge statistics left out."""
+
+    def __init__(self, errors: dict[str, float], skipped: dict[str, int]) -> None:
+        super().__init__(errors)
+        self.skipped_norms = skipped
+
+    def __repr__(self) -> str:
+        return f"MergeReport({dict.__repr__(self)}, skipped_norms={self.skipped_norms!r})"
+
+
 @torch.no_grad()
-def merge_report(model: nn.Module, batches, methods=None, *, calibration=None, ridge: float = 1e-3) -> dict[str, float]:
+def merge_report(model: nn.Module, batches, methods=None, *, calibration=None, ridge: float = 1e-3) -> "MergeReport":
     """How far each merge method's merged model is from the unmerged one, without changing it.
 
     For every method (default: every method that applies to all of the model's chains; lstsq
@@ -353,8 +455,13 @@ def merge_report(model: nn.Module, batches, methods=None, *, calibration=None, r
     (held-out model inputs, run as in :func:`merge_and_unload`), where ``y`` is the model's
     output tensor (``.logits``, ``.last_hidden_state`` or the first tensor) in eval mode. Each
     merged weight is built on the fly, one block at a time, with the same rounding as a real
-    merge; the model's weights, adapters and mode are left as they were.
+    merge; the model's weights, adapters and mode are left as they were. The result is a
+    :class:`MergeReport` (a dict) whose ``skipped_norms`` says, per block, how many training
+    forwards had an Inf/NaN norm that the statistics left out. DDP and torch.compile wrappers
+    are looked through; FSDP-sharded models are refused.
     """
+    refuse_sharded(model, "merge_report")
+    model = unwrap_model(model)
     blocks = reslora_blocks(model)
     if not blocks:
         raise ValueError("the model has no ResLoRA layers to merge")
@@ -386,7 +493,8 @@ def merge_report(model: nn.Module, batches, methods=None, *, calibration=None, r
         model.train(was_training)
     if count == 0:
         raise ValueError("batches is empty: merge_report needs held-out model inputs")
-    return {m: (num / den) ** 0.5 if den > 0 else num**0.5 for m, (num, den) in sums.items()}
+    errors = {m: (num / den) ** 0.5 if den > 0 else num**0.5 for m, (num, den) in sums.items()}
+    return MergeReport(errors, skipped_norms(blocks))
 
 
 class _MergedPreview(nn.Module):
@@ -417,10 +525,3 @@ def _merged_preview(model: nn.Module, terms: list[tuple[FusedResLoRALinear, Merg
     finally:
         for name, mod in swapped:
             set_module(model, name, mod)
-
-
-def _plain_linear(layer: FusedResLoRALinear) -> nn.Linear:
-    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-    linear.weight = layer.weight
-    linear.bias = layer.bias
-    return linear

@@ -10,7 +10,7 @@ import torch.nn as nn
 from conftest import rel_err
 from oracle import block_output
 
-from reslora_kernels import FusedResLoRALinear, ResLoRAConfig, apply_reslora, reslora_summary
+from reslora_kernels import FusedResLoRAConv1D, FusedResLoRALinear, ResLoRAConfig, apply_reslora, reslora_summary
 
 transformers = pytest.importorskip("transformers")
 
@@ -72,7 +72,9 @@ def oracle_model(base, model, config):
             B = mod.lora_B.detach().clone().requires_grad_()
             leaves[name] = (A, B)
             linear = base.get_submodule(name)
-            params.append((linear.weight, linear.bias, A, B))
+            # A Conv1D base (GPT-2) stores its weight [in, out]; the formulas take [out, in].
+            weight = linear.weight.t() if isinstance(mod, FusedResLoRAConv1D) else linear.weight
+            params.append((weight, linear.bias, A, B))
         state = {"xs": [], "zs": []}
         for n, (name, _) in enumerate(members):
 
@@ -198,11 +200,15 @@ def test_apply_reslora_errors():
     model = Stack([(8, 8)])
     with pytest.raises(
         ValueError,
-        match=r"no nn.Linear in the model matches target_modules=\['q_proj'\]; "
-        r"its nn.Linear modules are: layers.\*.proj, layers.\*.other",
+        match=r"no linear layer \(nn.Linear or Conv1D\) in the model matches target_modules=\['q_proj'\] "
+        r"\(target_modules\); its linear layers are: layers.\*.proj, layers.\*.other",
     ):
         apply_reslora(model, ResLoRAConfig(target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match="target_modules is not set; the model's nn.Linear modules are: layers"):
+    with pytest.raises(
+        ValueError,
+        match=r"target_modules is not set and model_type None has no default targets \(defaults exist for bart, "
+        r"bert, .*\); the model's linear layers are: layers",
+    ):
         apply_reslora(model, ResLoRAConfig())
     with pytest.raises(TypeError, match="ResLoRAConfig"):
         apply_reslora(model, {"target_modules": ["proj"]})

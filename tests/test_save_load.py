@@ -15,7 +15,7 @@ def reslora_state(model):
     return {
         k: v
         for k, v in model.state_dict().items()
-        if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "norm_sq_window", "norm_count")
+        if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "norm_sq_window", "norm_count", "norm_nonfinite")
     }
 
 
@@ -39,7 +39,7 @@ def test_llama_round_trip_is_bit_exact(tmp_path, dtype):
     load_reslora(fresh, tmp_path)
     assert fresh.reslora_config == config
     saved, loaded = reslora_state(model), reslora_state(fresh)
-    assert saved.keys() == loaded.keys() and len(saved) == 4 * 21
+    assert saved.keys() == loaded.keys() and len(saved) == 5 * 21
     for key in saved:
         assert saved[key].dtype == loaded[key].dtype and torch.equal(saved[key], loaded[key]), key
     model.eval(), fresh.eval()
