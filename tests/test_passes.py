@@ -265,3 +265,21 @@ def test_what_a_checkpointed_pass_keeps(mode, pre_num):
             assert kept.shape == (rows, rank)
     sum(y.sum() for y in ys).backward()
     assert not pending.records
+
+
+def test_merge_removes_the_pass_hooks():
+    from reslora_kernels import ResLoRAConfig, apply_reslora, merge_and_unload
+
+    model = torch.nn.Sequential(*(torch.nn.Linear(6, 6) for _ in range(3)))
+    apply_reslora(model, ResLoRAConfig(mode="is", target_modules=r"\d+"))
+    assert model._forward_pre_hooks and model._forward_hooks
+    merge_and_unload(model)
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert "_reslora_pass_tracker" not in vars(model)
+
+
+def test_a_shortcut_of_the_wrong_shape_names_both_blocks():
+    model = ToyStack(2, 6, "is")
+    model.blocks[0](torch.randn(4, 6, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"blocks.1 .*x_prev must have the input's shape.*predecessor blocks.0"):
+        model.blocks[1](torch.randn(3, 6, dtype=torch.float64))
