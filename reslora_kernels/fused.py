@@ -1,4 +1,4 @@
-"""The autograd Function composing the fused ops: one ResLoRA block, forward and backward.
+"""One ResLoRA block on the fused Triton ops, forward and backward.
 
 Forward (two launches)::
 
@@ -13,134 +13,244 @@ Backward (three launches)::
     dx, dxp = linear_lora_dx(grad_out, W, g_z, A)  # grad_out W + drop'(g_z A); dxp = drop'(g_z A)
     dA      = lora_grad_A(g_z, x, x_prev)          # g_z^T drop(x [+ x_prev])
 
-Saved for backward: ``x`` and ``x_prev`` by reference, ``u`` ``[M, r]``, the parameters and the
-dropout seed (a 0-d int64 device tensor: the kernels load it, the host never reads it); never an
-``[M, N]`` tensor, a copy of an input, or a mask.
+Saved for backward: ``x``, ``x_prev``, ``z`` and ``z_prev`` by reference (``u = z + z_prev`` is
+re-added in backward: an [M, r] add), the parameters and the dropout seed (a 0-d int64 device
+tensor: the kernels load it, the host never reads it); never an ``[M, N]`` tensor, a copy of an
+input, or a mask.
+
+Two wrappers share :func:`_forward` and :func:`_backward`: an autograd Function in eager mode (the
+lowest per-call cost), and the custom ops ``reslora_kernels::fused_forward`` / ``fused_backward``
+registered with ``torch.library`` for ``torch.compile``, which sees each as one opaque op (no
+graph break at the launchers' Python: autotuners, allocation, grids).
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 from . import ops
 
 __all__ = ["FusedResLoRAFunction", "fused_reslora_linear"]
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
+def _rows(t: Tensor) -> Tensor:
     """[..., C] -> [M, C], a view whenever the strides allow one."""
     return t.reshape(-1, t.shape[-1])
 
 
-class FusedResLoRAFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx,
-        x,
-        weight,
-        bias,
+def _forward(x, weight, bias, lora_A, lora_B, x_prev, z_prev, dropout_seed, scaling, input_scale, dropout_p, sqnorm):
+    """``(y, z, ||x||^2 or None)`` with the leading dims of ``x``."""
+    x2 = _rows(x)
+    z, x_sqnorm = ops.lora_down(
+        x2,
         lora_A,
-        lora_B,
-        x_prev,
-        z_prev,
-        scaling,
-        input_scale,
-        dropout_p,
-        dropout_seed,
-        compute_x_sqnorm,
-    ):
-        x2 = _rows(x)
-        x_prev2 = None if x_prev is None else _rows(x_prev)
-        z, x_sqnorm = ops.lora_down(
-            x2,
+        None if x_prev is None else _rows(x_prev),
+        input_scale=input_scale,
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
+        compute_x_sqnorm=sqnorm,
+    )
+    u = z if z_prev is None else z + _rows(z_prev)
+    y = ops.linear_lora_fwd(x2, weight, bias, u, lora_B, scaling)
+    lead = x.shape[:-1]
+    return y.view(*lead, y.shape[-1]), z.view(*lead, z.shape[-1]), x_sqnorm
+
+
+def _backward(
+    grad_y, grad_z, x, x_prev, weight, lora_A, lora_B, z, z_prev, dropout_seed, scaling, input_scale, dropout_p, needs
+):
+    """``(dx, dx_prev, dW, dbias, dA, dB, dz_prev)``, ``None`` where ``needs`` (the seven flags,
+    in that order) says the gradient is not wanted."""
+    want_x, want_prev, want_w, want_bias, want_a, want_b, want_z_prev = needs
+    x2 = _rows(x)
+    rank = lora_A.shape[0]
+    if grad_y is None:
+        grad_y2 = torch.zeros((x2.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype)
+    else:
+        grad_y2 = _rows(grad_y)
+    u = _rows(z) if z_prev is None else _rows(z) + _rows(z_prev)
+    g, grad_B = ops.lora_grad_out(grad_y2, lora_B, u, scaling)
+    grad_z_prev = g.to(x.dtype).view(*x.shape[:-1], rank) if want_z_prev else None
+    g_z = g if grad_z is None else g + _rows(grad_z)
+    grad_x = grad_x_prev = None
+    if want_x or want_prev:
+        grad_x, grad_x_prev = ops.linear_lora_dx(
+            grad_y2,
+            weight,
+            g_z,
             lora_A,
-            x_prev2,
             input_scale=input_scale,
             dropout_p=dropout_p,
             dropout_seed=dropout_seed,
-            compute_x_sqnorm=compute_x_sqnorm,
+            store_prev=want_prev,
         )
-        u = z if z_prev is None else z + _rows(z_prev)
-        y = ops.linear_lora_fwd(x2, weight, bias, u, lora_B, scaling)
+        grad_x = grad_x.view(x.shape)
+        if grad_x_prev is not None:
+            grad_x_prev = grad_x_prev.view(x.shape)
+    grad_A = None
+    if want_a:
+        grad_A = ops.lora_grad_A(
+            g_z,
+            x2,
+            None if x_prev is None else _rows(x_prev),
+            input_scale=input_scale,
+            dropout_p=dropout_p,
+            dropout_seed=dropout_seed,
+        )
+    # The base layer is frozen in ResLoRA, but a user may unfreeze it: plain PyTorch then.
+    grad_W = grad_y2.t() @ x2 if want_w else None
+    grad_bias = grad_y2.sum(0) if want_bias else None
+    return (
+        grad_x,
+        grad_x_prev if want_prev else None,
+        grad_W,
+        grad_bias,
+        grad_A,
+        grad_B if want_b else None,
+        grad_z_prev,
+    )
 
-        ctx.save_for_backward(x, x_prev, weight, lora_A, lora_B, u, dropout_seed)
-        ctx.scaling, ctx.input_scale, ctx.dropout_p = scaling, input_scale, dropout_p
-        ctx.has_bias, ctx.has_z_prev = bias is not None, z_prev is not None
+
+class FusedResLoRAFunction(torch.autograd.Function):
+    """The eager wrapper: ``apply(x, weight, bias, lora_A, lora_B, x_prev, z_prev, dropout_seed,
+    scaling, input_scale, dropout_p, compute_x_sqnorm) -> (y, z, x_sqnorm or None)``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, x_prev, z_prev, seed, scaling, input_scale, p, sqnorm):
+        y, z, x_sqnorm = _forward(
+            x, weight, bias, lora_A, lora_B, x_prev, z_prev, seed, scaling, input_scale, p, sqnorm
+        )
+        ctx.save_for_backward(x, x_prev, weight, lora_A, lora_B, z, z_prev, seed)
+        ctx.scaling, ctx.input_scale, ctx.dropout_p, ctx.has_bias = scaling, input_scale, p, bias is not None
         ctx.set_materialize_grads(False)  # an unused z (every mode but ms) brings no zero tensor
-        lead = x.shape[:-1]
-        outputs = (y.view(*lead, y.shape[-1]), z.view(*lead, z.shape[-1]))
-        if x_sqnorm is None:
-            return outputs + (None,)
-        ctx.mark_non_differentiable(x_sqnorm)
-        return outputs + (x_sqnorm,)
+        if x_sqnorm is not None:
+            ctx.mark_non_differentiable(x_sqnorm)
+        return y, z, x_sqnorm
 
     @staticmethod
     def backward(ctx, grad_y, grad_z, _grad_sqnorm):
-        x, x_prev, weight, lora_A, lora_B, u, dropout_seed = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        x2 = _rows(x)
-        x_prev2 = None if x_prev is None else _rows(x_prev)
-        if grad_y is None:
-            grad_y2 = torch.zeros((x2.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype)
-        else:
-            grad_y2 = _rows(grad_y)
-        g, grad_B = ops.lora_grad_out(grad_y2, lora_B, u, ctx.scaling)
-        grad_z_prev = g.to(x.dtype).view(*x.shape[:-1], -1) if ctx.has_z_prev and needs[6] else None
-        g_z = g if grad_z is None else g + _rows(grad_z)
-        want_prev = x_prev is not None and needs[5]
-        grad_x = grad_x_prev = None
-        if needs[0] or want_prev:
-            grad_x, grad_x_prev = ops.linear_lora_dx(
-                grad_y2,
-                weight,
-                g_z,
-                lora_A,
-                input_scale=ctx.input_scale,
-                dropout_p=ctx.dropout_p,
-                dropout_seed=dropout_seed,
-                store_prev=want_prev,
-            )
-            grad_x = grad_x.view(x.shape)
-            if grad_x_prev is not None:
-                grad_x_prev = grad_x_prev.view(x.shape)
-        grad_A = None
-        if needs[3]:
-            grad_A = ops.lora_grad_A(
-                g_z, x2, x_prev2, input_scale=ctx.input_scale, dropout_p=ctx.dropout_p, dropout_seed=dropout_seed
-            )
-        # The base layer is frozen in ResLoRA, but a user may unfreeze it: plain PyTorch then.
-        grad_W = grad_y2.t() @ x2 if needs[1] else None
-        grad_bias = grad_y2.sum(0) if ctx.has_bias and needs[2] else None
-        return (
-            grad_x,
-            grad_W,
-            grad_bias,
-            grad_A,
-            grad_B if needs[4] else None,
-            grad_x_prev,
-            grad_z_prev,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        x, x_prev, weight, lora_A, lora_B, z, z_prev, seed = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        needs = (need[0], x_prev is not None and need[5], need[1], ctx.has_bias and need[2], need[3], need[4])
+        needs += (z_prev is not None and need[6],)
+        dx, dx_prev, dW, dbias, dA, dB, dz_prev = _backward(
+            grad_y, grad_z, x, x_prev, weight, lora_A, lora_B, z, z_prev, seed, ctx.scaling, ctx.input_scale,
+            ctx.dropout_p, needs,
+        )  # fmt: skip
+        return dx, dW, dbias, dA, dB, dx_prev, dz_prev, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------- torch.compile
+# Custom ops return tensors, never None: an absent result is an empty tensor, mapped back to None.
+def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
+    return like.new_empty(0) if t is None else t
+
+
+@torch.library.custom_op("reslora_kernels::fused_forward", mutates_args=())
+def fused_forward_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    x_prev: Optional[Tensor],
+    z_prev: Optional[Tensor],
+    dropout_seed: Optional[Tensor],
+    scaling: float,
+    input_scale: float,
+    dropout_p: float,
+    compute_x_sqnorm: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, z, ||x||^2)`` of one block (``||x||^2`` is an empty tensor unless asked for)."""
+    y, z, x_sqnorm = _forward(
+        x, weight, bias, lora_A, lora_B, x_prev, z_prev, dropout_seed, scaling, input_scale, dropout_p,
+        compute_x_sqnorm,
+    )  # fmt: skip
+    # Outputs must not alias each other or an input; z is its own buffer already.
+    return y, z, x_sqnorm if x_sqnorm is not None else x.new_empty(0, dtype=torch.float32)
+
+
+@fused_forward_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, x_prev, z_prev, dropout_seed, scaling, input_scale, dropout_p, sqnorm):
+    lead = x.shape[:-1]
+    y = x.new_empty((*lead, weight.shape[0]))
+    z = x.new_empty((*lead, lora_A.shape[0]))
+    return y, z, x.new_empty(() if sqnorm else (0,), dtype=torch.float32)
+
+
+@torch.library.custom_op("reslora_kernels::fused_backward", mutates_args=())
+def fused_backward_op(
+    grad_y: Tensor,
+    grad_z: Optional[Tensor],
+    x: Tensor,
+    x_prev: Optional[Tensor],
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    z: Tensor,
+    z_prev: Optional[Tensor],
+    dropout_seed: Optional[Tensor],
+    scaling: float,
+    input_scale: float,
+    dropout_p: float,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, dx_prev, dW, dbias, dA, dB, dz_prev)``, an empty tensor where ``needs`` says no."""
+    grads = _backward(
+        grad_y, grad_z, x, x_prev, weight, lora_A, lora_B, z, z_prev, dropout_seed, scaling, input_scale, dropout_p,
+        tuple(needs),
+    )  # fmt: skip
+    return tuple(_or_empty(g, x) for g in grads)
+
+
+@fused_backward_op.register_fake
+def _(grad_y, grad_z, x, x_prev, weight, lora_A, lora_B, z, z_prev, seed, scaling, input_scale, p, needs):
+    shapes = (x.shape, x.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape, z.shape)
+    return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, x_prev, z_prev, seed, scaling, input_scale, p, _ = inputs
+    ctx.save_for_backward(x, x_prev, weight, lora_A, lora_B, output[1], z_prev, seed)
+    ctx.scaling, ctx.input_scale, ctx.dropout_p, ctx.has_bias = scaling, input_scale, p, bias is not None
+    ctx.mark_non_differentiable(output[2])
+
+
+def _backward_op(ctx, grad_y, grad_z, _grad_sqnorm):
+    x, x_prev, weight, lora_A, lora_B, z, z_prev, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    needs = [need[0], x_prev is not None and need[5], need[1], ctx.has_bias and need[2], need[3], need[4]]
+    needs.append(z_prev is not None and need[6])
+    if grad_y is None:
+        grad_y = torch.zeros((*x.shape[:-1], weight.shape[0]), device=x.device, dtype=x.dtype)
+    grads = torch.ops.reslora_kernels.fused_backward(
+        grad_y, grad_z, x, x_prev, weight, lora_A, lora_B, z, z_prev, seed, ctx.scaling, ctx.input_scale,
+        ctx.dropout_p, needs,
+    )  # fmt: skip
+    dx, dx_prev, dW, dbias, dA, dB, dz_prev = (g if flag else None for g, flag in zip(grads, needs))
+    return dx, dW, dbias, dA, dB, dx_prev, dz_prev, None, None, None, None, None
+
+
+fused_forward_op.register_autograd(_backward_op, setup_context=_setup_context)
 
 
 def fused_reslora_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
     scaling: float,
     *,
-    x_prev: torch.Tensor | None = None,
-    z_prev: torch.Tensor | None = None,
+    x_prev: Tensor | None = None,
+    z_prev: Tensor | None = None,
     dropout_p: float = 0.0,
-    dropout_seed: int | torch.Tensor | None = None,
+    dropout_seed: int | Tensor | None = None,
     compute_x_sqnorm: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """The fused counterpart of :func:`reslora_kernels.reference.reslora_linear`, same signature::
 
     z = drop(x [+ x_prev]) A^T;   y = x W^T + b + s * (z [+ z_prev]) B^T
@@ -158,18 +268,8 @@ def fused_reslora_linear(
         if dropout_seed is None:
             raise ValueError("dropout_p > 0 needs a dropout_seed")
         seed = ops.seed_tensor(dropout_seed, x.device)
-    y, z, x_sqnorm = FusedResLoRAFunction.apply(
-        x,
-        weight,
-        bias,
-        lora_A,
-        lora_B,
-        x_prev,
-        z_prev,
-        float(scaling),
-        input_scale,
-        float(dropout_p),
-        seed,
-        compute_x_sqnorm,
-    )
-    return y, z, x_sqnorm
+    args = (x, weight, bias, lora_A, lora_B, x_prev, z_prev, seed, float(scaling), input_scale, float(dropout_p))
+    if torch.compiler.is_compiling():
+        y, z, x_sqnorm = torch.ops.reslora_kernels.fused_forward(*args, compute_x_sqnorm)
+        return y, z, x_sqnorm if compute_x_sqnorm else None
+    return FusedResLoRAFunction.apply(*args, compute_x_sqnorm)
