@@ -35,14 +35,32 @@ import sys
 import threading
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import torch
 
-if TYPE_CHECKING:
-    from .layer import FusedResLoRALinear
-
 __all__ = ["ChainOrderError", "ResLoRAChain", "link_chain", "track_passes", "untrack_passes"]
+
+
+class ChainBlock(Protocol):
+    """What a chain needs of a block (``FusedResLoRALinear`` and its Conv1D variant provide it):
+    its shape and settings, its adapter, and the two slots the chain assigns."""
+
+    in_features: int
+    out_features: int
+    mode: str
+    pre_num: int
+    rank: int
+    scaling: float
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    training: bool
+    _chain: "ResLoRAChain"
+    _chain_index: int
+
+
+# What ResLoRAChain checks a block has (the slots _chain/_chain_index it assigns itself).
+_BLOCK_ATTRIBUTES = ("in_features", "out_features", "mode", "pre_num", "rank", "scaling", "lora_A", "lora_B")
 
 
 class ChainOrderError(RuntimeError):
@@ -176,12 +194,10 @@ class ResLoRAChain:
 
     def __init__(
         self,
-        blocks: Sequence["FusedResLoRALinear"],
+        blocks: Sequence["ChainBlock"],
         name: str | None = None,
         block_names: Sequence[str] | None = None,
     ) -> None:
-        from .layer import FusedResLoRALinear
-
         blocks = list(blocks)
         if not blocks:
             raise ValueError("a chain needs at least one block")
@@ -192,12 +208,12 @@ class ResLoRAChain:
             raise ValueError(f"got {len(block_names)} block names for {len(blocks)} blocks")
         seen: set[int] = set()
         for i, block in enumerate(blocks):
-            if not isinstance(block, FusedResLoRALinear):
+            if not all(hasattr(block, attr) for attr in _BLOCK_ATTRIBUTES):
                 raise TypeError(f"{block_names[i]} is a {type(block).__name__}, not a FusedResLoRALinear")
             if id(block) in seen:
                 raise ValueError(f"{block_names[i]} appears twice in the chain")
             seen.add(id(block))
-            if len(blocks) > 1 and len(block.chain) > 1:
+            if len(blocks) > 1 and len(block._chain) > 1:
                 raise ValueError(
                     f"{block_names[i]} is already linked into chain {block.chain.name!r}; "
                     "call .unlink() on that chain first"
@@ -239,10 +255,10 @@ class ResLoRAChain:
     def __len__(self) -> int:
         return len(self.blocks)
 
-    def __iter__(self) -> Iterator["FusedResLoRALinear"]:
+    def __iter__(self) -> Iterator["ChainBlock"]:
         return iter(self.blocks)
 
-    def __getitem__(self, index: int) -> "FusedResLoRALinear":
+    def __getitem__(self, index: int) -> "ChainBlock":
         return self.blocks[index]
 
     def __repr__(self) -> str:
@@ -295,7 +311,7 @@ class ResLoRAChain:
 
     # ------------------------------------------------------------------ the forward protocol
     def shortcut_inputs(
-        self, block: "FusedResLoRALinear", x: torch.Tensor
+        self, block: "ChainBlock", x: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """``(x_prev, z_prev, lora_A, lora_B)`` for block ``block`` about to run on ``x``."""
         index = block._chain_index
@@ -376,7 +392,7 @@ class ResLoRAChain:
             )
         return state
 
-    def _shortcuts_from(self, current: _Pass, block: "FusedResLoRALinear", x: torch.Tensor):
+    def _shortcuts_from(self, current: _Pass, block: "ChainBlock", x: torch.Tensor):
         index = block._chain_index
         if self.mode == "is":
             x_prev = x if index == 0 else current.records[index - 1].to(x.device)
@@ -402,7 +418,7 @@ class ResLoRAChain:
         else:
             current.records[index] = z
 
-    def after_forward(self, block: "FusedResLoRALinear", x: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> None:
+    def after_forward(self, block: "ChainBlock", x: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> None:
         """Record what the successors of ``block`` need from this pass; ``y`` is the block's output,
         whose autograd graph keeps the pass for recomputation while backward may need it."""
         if self.mode not in ("is", "ms"):
@@ -447,7 +463,7 @@ class ResLoRAChain:
 
 
 def link_chain(
-    blocks: Sequence["FusedResLoRALinear"],
+    blocks: Sequence["ChainBlock"],
     name: str | None = None,
     block_names: Sequence[str] | None = None,
     *,
