@@ -1,0 +1,204 @@
+"""One ResLoRA block on the vendor GEMMs: ``torch.mm`` / ``addmm`` / ``addmm_`` (cuBLAS on CUDA,
+oneDNN/MKL on CPU) in one autograd Function, under the fused path's memory contract.
+
+Forward::
+
+    z   = drop(x [+ x_prev]) A^T * c             # c = input_scale / (1 - p); [M, r]
+    u   = z [+ z_prev]                           # ms only: an [M, r] add
+    y   = x W^T + b;  y += s u B^T               # addmm, then addmm_ in place
+
+Backward::
+
+    g   = s grad_out B;   dB = s grad_out^T u    # two skinny GEMMs over grad_out
+    g_z = g [+ grad_z]                           # ms: later blocks' gradient of this z
+    dx  = grad_out W + drop'(c g_z A)            # one [M, K] buffer: the LoRA term, then addmm_
+    dA  = c g_z^T drop(x [+ x_prev])
+
+Saved for backward: ``x`` and ``x_prev`` by reference, ``u`` ``[M, r]``, the parameters and the
+dropout seed. No ``[M, N]`` tensor is allocated besides ``y`` (forward) and ``dx`` (backward):
+the LoRA-up term is accumulated into them in place. The dropout mask is regenerated from its seed
+in backward (once, for both ``dx`` and ``dA``), never stored; it is a 0/1 mask and the scale
+``1 / (1 - p)`` is applied to the ``[M, r]`` operands, where it costs nothing and, in bfloat16,
+is not rounded into every element of the mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import dropout_keep_mask, squared_norm
+
+__all__ = ["ComposedResLoRAFunction", "composed_reslora_linear"]
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., C] -> [M, C], a view whenever the strides allow one."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def _keep(x2: torch.Tensor, p: float, seed) -> torch.Tensor:
+    """The 0/1 keep-mask of the ``[M, K]`` LoRA input in ``x2``'s dtype (exact in every dtype)."""
+    return dropout_keep_mask(x2.shape, p, seed, x2.device).to(x2.dtype)
+
+
+def _lora_input(x2: torch.Tensor, x_prev2: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
+    """``drop(x [+ x_prev])`` without its scale, written into the mask's buffer: the mask is not
+    needed afterwards."""
+    if x_prev2 is None:
+        return keep.mul_(x2)
+    return keep.mul_(x2 + x_prev2)
+
+
+class ComposedResLoRAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        x,
+        weight,
+        bias,
+        lora_A,
+        lora_B,
+        x_prev,
+        z_prev,
+        scaling,
+        input_scale,
+        dropout_p,
+        dropout_seed,
+        compute_x_sqnorm,
+    ):
+        x2 = _rows(x)
+        x_prev2 = None if x_prev is None else _rows(x_prev)
+        lora_scale = input_scale / (1.0 - dropout_p)
+        if dropout_p > 0.0:
+            z = torch.mm(_lora_input(x2, x_prev2, _keep(x2, dropout_p, dropout_seed)), lora_A.t())
+        else:
+            # x A^T (+ x_prev A^T): two skinny GEMMs instead of an [M, K] sum.
+            z = torch.mm(x2, lora_A.t())
+            if x_prev2 is not None:
+                z.addmm_(x_prev2, lora_A.t())
+        if lora_scale != 1.0:
+            z.mul_(lora_scale)
+        u = z if z_prev is None else z + _rows(z_prev)
+        y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
+        y.addmm_(u, lora_B.t(), alpha=scaling)
+
+        ctx.save_for_backward(x, x_prev, weight, lora_A, lora_B, u)
+        ctx.scaling, ctx.lora_scale = scaling, lora_scale
+        ctx.dropout_p, ctx.dropout_seed = dropout_p, dropout_seed
+        ctx.has_bias, ctx.has_z_prev = bias is not None, z_prev is not None
+        ctx.set_materialize_grads(False)  # an unused z (every mode but ms) brings no zero tensor
+        lead = x.shape[:-1]
+        outputs = (y.view(*lead, y.shape[-1]), z.view(*lead, z.shape[-1]))
+        if not compute_x_sqnorm:
+            return outputs + (None,)
+        x_sqnorm = squared_norm(x)
+        ctx.mark_non_differentiable(x_sqnorm)
+        return outputs + (x_sqnorm,)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_z, _grad_sqnorm):
+        x, x_prev, weight, lora_A, lora_B, u = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        x2 = _rows(x)
+        x_prev2 = None if x_prev is None else _rows(x_prev)
+        if grad_y is None:  # only z is used downstream (ms): y's gradient is zero
+            grad_y2 = x2.new_zeros((x2.shape[0], weight.shape[0]))
+        else:
+            grad_y2 = _rows(grad_y)
+        scaling, lora_scale, p = ctx.scaling, ctx.lora_scale, ctx.dropout_p
+
+        g = torch.mm(grad_y2, lora_B).mul_(scaling)
+        grad_B = torch.mm(grad_y2.t(), u).mul_(scaling) if needs[4] else None
+        grad_z_prev = g.view(*x.shape[:-1], g.shape[-1]) if ctx.has_z_prev and needs[6] else None
+        g_z = g if grad_z is None else g + _rows(grad_z)
+        # The input gradients and dA see the LoRA input through its scale c: fold c into the
+        # [M, r] g_z once rather than into [M, K] products.
+        g_in = g_z * lora_scale if lora_scale != 1.0 else g_z
+
+        keep = _keep(x2, p, ctx.dropout_seed) if p > 0.0 and (needs[0] or needs[3] or needs[5]) else None
+        want_prev = x_prev is not None and needs[5]
+        grad_x = grad_x_prev = None
+        if needs[0] or want_prev:
+            # drop'(c g_z A) is one [M, K] buffer; dx accumulates grad_out W onto it in place
+            # (or, when x_prev needs its own copy of that term, in a new tensor).
+            lora_dx = None
+            if keep is not None or want_prev:
+                lora_dx = torch.mm(g_in, lora_A)
+                if keep is not None:
+                    lora_dx.mul_(keep)
+            if want_prev:
+                grad_x_prev = lora_dx.view(x.shape)
+                if needs[0]:
+                    grad_x = torch.addmm(lora_dx, grad_y2, weight).view(x.shape)
+            elif lora_dx is not None:
+                grad_x = lora_dx.addmm_(grad_y2, weight).view(x.shape)
+            else:
+                grad_x = torch.mm(grad_y2, weight).addmm_(g_in, lora_A).view(x.shape)
+        grad_A = None
+        if needs[3]:
+            if keep is not None:
+                grad_A = torch.mm(g_in.t(), _lora_input(x2, x_prev2, keep))
+            else:
+                # g^T x (+ g^T x_prev): no [M, K] sum, as in forward.
+                grad_A = torch.mm(g_in.t(), x2)
+                if x_prev2 is not None:
+                    grad_A.addmm_(g_in.t(), x_prev2)
+        # The base layer is frozen in ResLoRA, but a user may unfreeze it.
+        grad_W = torch.mm(grad_y2.t(), x2) if needs[1] else None
+        grad_bias = grad_y2.sum(0) if ctx.has_bias and needs[2] else None
+        return (
+            grad_x,
+            grad_W,
+            grad_bias,
+            grad_A,
+            grad_B,
+            grad_x_prev,
+            grad_z_prev,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def composed_reslora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    *,
+    x_prev: torch.Tensor | None = None,
+    z_prev: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | torch.Tensor | None = None,
+    compute_x_sqnorm: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The vendor-GEMM counterpart of :func:`reslora_kernels.reference.reslora_linear`, same
+    signature::
+
+        z = drop(x [+ x_prev]) A^T;   y = x W^T + b + s * (z [+ z_prev]) B^T
+    """
+    input_scale = 1.0
+    if x_prev is x:
+        # First block of an input-shortcut chain: x_{-1} := x_0, so the LoRA input is 2 x.
+        # A scale of 2 avoids reading x twice and summing two gradients of x.
+        x_prev, input_scale = None, 2.0
+    if dropout_p > 0.0 and dropout_seed is None:
+        raise ValueError("dropout_p > 0 needs a dropout_seed")
+    return ComposedResLoRAFunction.apply(
+        x,
+        weight,
+        bias,
+        lora_A,
+        lora_B,
+        x_prev,
+        z_prev,
+        float(scaling),
+        input_scale,
+        float(dropout_p),
+        dropout_seed,
+        compute_x_sqnorm,
+    )
