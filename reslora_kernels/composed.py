@@ -25,15 +25,24 @@ is not rounded into every element of the mask.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .reference import dropout_keep_mask, squared_norm
 
 __all__ = ["ComposedResLoRAFunction", "composed_reslora_linear"]
 
 
+# Every tensor op called from Python costs microseconds of dispatch, as much as the LoRA math at
+# small batches: the code below skips reshapes of 2-D tensors and multiplications by 1, and uses
+# F.linear where it saves a separate transpose.
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """[..., C] -> [M, C], a view whenever the strides allow one."""
-    return t.reshape(-1, t.shape[-1])
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
+def _shaped(t: torch.Tensor, lead: torch.Size) -> torch.Tensor:
+    """[M, C] -> [*lead, C]."""
+    return t if len(lead) == 1 else t.view(*lead, t.shape[-1])
 
 
 def _keep(x2: torch.Tensor, p: float, seed) -> torch.Tensor:
@@ -60,26 +69,24 @@ class ComposedResLoRAFunction(torch.autograd.Function):
         lora_B,
         x_prev,
         z_prev,
-        scaling,
-        input_scale,
-        dropout_p,
-        dropout_seed,
-        compute_x_sqnorm,
+        settings,
     ):
+        # The scalars travel as one tuple: each argument of apply() costs a little on every call.
+        scaling, input_scale, dropout_p, dropout_seed, compute_x_sqnorm = settings
         x2 = _rows(x)
         x_prev2 = None if x_prev is None else _rows(x_prev)
         lora_scale = input_scale / (1.0 - dropout_p)
         if dropout_p > 0.0:
-            z = torch.mm(_lora_input(x2, x_prev2, _keep(x2, dropout_p, dropout_seed)), lora_A.t())
+            z = F.linear(_lora_input(x2, x_prev2, _keep(x2, dropout_p, dropout_seed)), lora_A)
         else:
             # x A^T (+ x_prev A^T): two skinny GEMMs instead of an [M, K] sum.
-            z = torch.mm(x2, lora_A.t())
+            z = F.linear(x2, lora_A)
             if x_prev2 is not None:
                 z.addmm_(x_prev2, lora_A.t())
         if lora_scale != 1.0:
             z.mul_(lora_scale)
         u = z if z_prev is None else z + _rows(z_prev)
-        y = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
+        y = F.linear(x2, weight, bias)
         y.addmm_(u, lora_B.t(), alpha=scaling)
 
         ctx.save_for_backward(x, x_prev, weight, lora_A, lora_B, u)
@@ -88,7 +95,7 @@ class ComposedResLoRAFunction(torch.autograd.Function):
         ctx.has_bias, ctx.has_z_prev = bias is not None, z_prev is not None
         ctx.set_materialize_grads(False)  # an unused z (every mode but ms) brings no zero tensor
         lead = x.shape[:-1]
-        outputs = (y.view(*lead, y.shape[-1]), z.view(*lead, z.shape[-1]))
+        outputs = (_shaped(y, lead), _shaped(z, lead))
         if not compute_x_sqnorm:
             return outputs + (None,)
         x_sqnorm = squared_norm(x)
@@ -107,9 +114,14 @@ class ComposedResLoRAFunction(torch.autograd.Function):
             grad_y2 = _rows(grad_y)
         scaling, lora_scale, p = ctx.scaling, ctx.lora_scale, ctx.dropout_p
 
-        g = torch.mm(grad_y2, lora_B).mul_(scaling)
-        grad_B = torch.mm(grad_y2.t(), u).mul_(scaling) if needs[4] else None
-        grad_z_prev = g.view(*x.shape[:-1], g.shape[-1]) if ctx.has_z_prev and needs[6] else None
+        g = torch.mm(grad_y2, lora_B)
+        grad_B = torch.mm(grad_y2.t(), u) if needs[4] else None
+        if scaling != 1.0:
+            g.mul_(scaling)
+            if grad_B is not None:
+                grad_B.mul_(scaling)
+        lead = x.shape[:-1]
+        grad_z_prev = _shaped(g, lead) if ctx.has_z_prev and needs[6] else None
         g_z = g if grad_z is None else g + _rows(grad_z)
         # The input gradients and dA see the LoRA input through its scale c: fold c into the
         # [M, r] g_z once rather than into [M, K] products.
@@ -127,13 +139,13 @@ class ComposedResLoRAFunction(torch.autograd.Function):
                 if keep is not None:
                     lora_dx.mul_(keep)
             if want_prev:
-                grad_x_prev = lora_dx.view(x.shape)
+                grad_x_prev = _shaped(lora_dx, lead)
                 if needs[0]:
-                    grad_x = torch.addmm(lora_dx, grad_y2, weight).view(x.shape)
+                    grad_x = _shaped(torch.addmm(lora_dx, grad_y2, weight), lead)
             elif lora_dx is not None:
-                grad_x = lora_dx.addmm_(grad_y2, weight).view(x.shape)
+                grad_x = _shaped(lora_dx.addmm_(grad_y2, weight), lead)
             else:
-                grad_x = torch.mm(grad_y2, weight).addmm_(g_in, lora_A).view(x.shape)
+                grad_x = _shaped(torch.mm(grad_y2, weight).addmm_(g_in, lora_A), lead)
         grad_A = None
         if needs[3]:
             if keep is not None:
@@ -154,10 +166,6 @@ class ComposedResLoRAFunction(torch.autograd.Function):
             grad_B,
             grad_x_prev,
             grad_z_prev,
-            None,
-            None,
-            None,
-            None,
             None,
         )
 
@@ -196,9 +204,5 @@ def composed_reslora_linear(
         lora_B,
         x_prev,
         z_prev,
-        float(scaling),
-        input_scale,
-        float(dropout_p),
-        dropout_seed,
-        compute_x_sqnorm,
+        (float(scaling), input_scale, float(dropout_p), dropout_seed, compute_x_sqnorm),
     )
