@@ -1,6 +1,6 @@
 """Benchmark session plumbing: one Results object per session, written as JSON and printed as
 tables at the end. ``RESLORA_BENCH_OUT`` overrides the output folder (default
-benchmarks/results/); CPU results are written too but are not meant to be committed."""
+benchmarks/results/); every run writes a new file, none is overwritten."""
 
 import os
 from pathlib import Path
@@ -15,7 +15,10 @@ RESULTS = Results()
 def pytest_report_header(config):
     if IS_CUDA:
         return f"reslora benchmarks on {torch.cuda.get_device_name()}: LLaMA-7B projection shapes, bf16"
-    return "reslora benchmarks on CPU (no CUDA device): small shapes; reference and PEFT only, GPU cases skipped"
+    return (
+        f"reslora benchmarks on CPU (no CUDA device, {torch.get_num_threads()} threads): composed, reference and PEFT; "
+        "fused, auto-on-CUDA and torch.compile variants are GPU only"
+    )
 
 
 @pytest.fixture(autouse=True)
