@@ -22,10 +22,14 @@ def pytest_report_header(config):
 
 
 @pytest.fixture(autouse=True)
-def _isolate(monkeypatch):
+def _isolate():
     torch.manual_seed(0)
-    monkeypatch.delenv("RESLORA_BACKEND", raising=False)  # variants set it themselves
+    # The variants set RESLORA_BACKEND themselves; the caller's value comes back afterwards.
+    saved = os.environ.pop("RESLORA_BACKEND", None)
     yield
+    os.environ.pop("RESLORA_BACKEND", None)
+    if saved is not None:
+        os.environ["RESLORA_BACKEND"] = saved
     if IS_CUDA:
         torch.cuda.empty_cache()
 

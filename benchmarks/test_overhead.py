@@ -22,11 +22,12 @@ GROUP = f"M={M} {K}->{N} r={RANK} {str(DTYPE).replace('torch.', '')}"
 
 
 class Batch:
-    """``CALLS`` forward+backward calls of ``fn`` as one timed step (one synchronisation at the
-    end on CUDA); ``prepare`` sets the backend, untimed."""
+    """``CALLS`` forward+backward calls of ``fn`` (backward with a fixed ``grad_out``) as one timed
+    step, one synchronisation at the end on CUDA; ``prepare`` sets the backend, untimed."""
 
     def __init__(self, fn, leaves, backend=None):
         self.fn, self.leaves, self.backend = fn, leaves, backend
+        self.grad_out = torch.ones(M, N, device=DEVICE, dtype=DTYPE)
 
     def prepare(self):
         if self.backend is not None:
@@ -36,7 +37,7 @@ class Batch:
 
     def step(self):
         for _ in range(CALLS):
-            self.fn().sum().backward()
+            self.fn().backward(self.grad_out)
         synchronize()
 
 
