@@ -5,7 +5,7 @@ backward, which large buffers are allocated)."""
 import pytest
 import torch
 from conftest import assert_lowp_close, rel_err
-from oracle import toy_stack
+from oracle import oracle_grads
 from toy import SeedRecorder, ToyStack, oracle_params
 
 from reslora_kernels import backend, functional, reference
@@ -32,18 +32,6 @@ def assert_close(out, ref64, torch_same_dtype, what):
         # A single wrong element must fail too: max-abs error within 2x PyTorch's own + atol.
         own = (torch_same_dtype.double() - ref64.double()).abs().max()
         assert (out.double() - ref64.double()).abs().max() <= 2 * own + 1e-2, what
-
-
-def oracle_grads(params, x0, scaling, mode, pre_num, masks, p, probes, dtype):
-    """Outputs and gradients of the oracle evaluated in ``dtype``."""
-    cast = [
-        tuple(None if t is None else t.detach().to(dtype).requires_grad_(i >= 2) for i, t in enumerate(ps))
-        for ps in params
-    ]
-    x = x0.detach().to(dtype).requires_grad_()
-    ys = toy_stack(x, cast, scaling, mode, pre_num, masks, p)
-    sum((y * w.to(dtype)).sum() for y, w in zip(ys, probes)).backward()
-    return ys, [(A.grad, B.grad) for _, _, A, B in cast], x.grad
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2])
