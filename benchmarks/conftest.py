@@ -9,6 +9,12 @@ import pytest
 import torch
 from bench_lib import DEVICE, IS_CUDA, Results
 
+# RESLORA_BENCH_THREADS pins torch's CPU thread count (default: torch's own choice). On a shared
+# machine one thread per process is far less disturbed by other processes than an OpenMP team
+# whose members get descheduled at every barrier.
+if os.environ.get("RESLORA_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["RESLORA_BENCH_THREADS"]))
+
 RESULTS = Results()
 
 

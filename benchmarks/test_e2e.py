@@ -4,7 +4,7 @@ each mode, on every backend that runs fast here; every variant's steps interleav
 
 GPU: ~1.1B parameters (hidden 2048, 22 layers, the TinyLlama shape), seq 2048, batch
 RESLORA_BENCH_E2E_BATCH (default 8), bf16, adapters on q,k,v,o,gate,up,down at r = 16, AdamW on the
-adapters. CPU: a small model of the same architecture (hidden 256, 4 layers, 1024 tokens per step),
+adapters. CPU: a small model of the same architecture (hidden 256, 4 layers, 512 tokens per step),
 large enough that the projections' GEMMs dominate the step.
 """
 
@@ -51,7 +51,7 @@ else:
         num_key_value_heads=2,
         vocab_size=512,
     )
-    SEQ, BATCH, DTYPE, ROUNDS = 128, 8, torch.float32, int(os.environ.get("RESLORA_BENCH_E2E_ROUNDS", "11"))
+    SEQ, BATCH, DTYPE, ROUNDS = 128, 4, torch.float32, int(os.environ.get("RESLORA_BENCH_E2E_ROUNDS", "11"))
     IMPLS = ("reference", "composed")
 OURS = "auto" if IS_CUDA else "composed"
 GROUP = (
