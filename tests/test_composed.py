@@ -8,7 +8,7 @@ from conftest import assert_lowp_close, rel_err
 from oracle import oracle_grads
 from toy import SeedRecorder, ToyStack, oracle_params
 
-from reslora_kernels import backend, functional, reference
+from reslora_kernels import backend, composed, functional, reference
 from reslora_kernels.composed import ComposedResLoRAFunction, composed_reslora_linear
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
@@ -164,6 +164,21 @@ def test_tensor_seed_and_same_mask_as_reference():
     assert rel_err(y_int, y_ref) < 1e-12
     kw["dropout_seed"] = 12
     assert rel_err(composed_reslora_linear(x, **args, scaling=1.0, **kw)[0], y_ref) > 1e-3
+
+
+@pytest.mark.parametrize("block_bytes", [4, 100, 1 << 20])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 5), (130, 33), (0, 4)])
+def test_blocked_cpu_mask_is_the_reference_mask(monkeypatch, shape, block_bytes):
+    """The composed path hashes its CPU mask block by block of rows: the same bits as
+    reference.dropout_keep_mask, for every block size, dtype, p and kind of seed."""
+    monkeypatch.setattr(composed, "MASK_BLOCK_BYTES", block_bytes)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        x2 = torch.empty(shape, dtype=dtype)
+        for p in (1e-9, 0.1, 0.5, 0.999999):
+            for seed in (0, 12345, 2**31 - 2, torch.tensor(77), torch.tensor(5, dtype=torch.int32)):
+                expected = reference.dropout_keep_mask(shape, p, seed, "cpu").to(dtype)
+                got = composed._keep(x2, p, seed)
+                assert got.dtype == dtype and torch.equal(got, expected), (dtype, p, seed)
 
 
 def test_missing_seed_is_an_error():
