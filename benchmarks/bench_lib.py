@@ -52,10 +52,15 @@ class CallTimer:
     def __init__(self) -> None:
         self._flush = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device="cuda") if IS_CUDA else None
 
+    #: CPU time of the calling thread during the last CPU call (ms): with one torch thread, the
+    #: work of the call without the time other processes held the core (a load-robust cross-check).
+    last_cpu_ms: float | None = None
+
     def __call__(self, fn: Callable[[], object]) -> float:
         if not IS_CUDA:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.thread_time()
             fn()
+            self.last_cpu_ms = (time.thread_time() - cpu_start) * 1e3
             return (time.perf_counter() - start) * 1e3
         self._flush.zero_()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -86,6 +91,7 @@ class Interleaved:
         self.names = list(cases)
         self.timer = timer or CallTimer()
         self.times: dict = {name: [] for name in self.names}
+        self.cpu_times: dict = {name: [] for name in self.names}
         self._count = 0
 
     def round(self, record: bool = True) -> None:
@@ -97,6 +103,9 @@ class Interleaved:
             ms = self.timer(case.step)
             if record:
                 self.times[name].append(ms)
+                cpu_ms = getattr(self.timer, "last_cpu_ms", None)
+                if cpu_ms is not None:
+                    self.cpu_times[name].append(cpu_ms)
 
     def warm_up(self, rounds: int) -> None:
         for _ in range(rounds):
@@ -104,7 +113,15 @@ class Interleaved:
         synchronize()
 
     def stats(self) -> dict:
-        return {name: quantile_stats(times) for name, times in self.times.items()}
+        """Per case: wall-clock median and quantiles, and (CPU, one torch thread) the same of the
+        thread's CPU time as ``cpu_median_ms`` etc."""
+        out = {}
+        for name, times in self.times.items():
+            out[name] = quantile_stats(times)
+            if self.cpu_times[name] and torch.get_num_threads() == 1:
+                cpu = quantile_stats(self.cpu_times[name])
+                out[name].update({f"cpu_{k}": v for k, v in cpu.items() if k != "rounds"})
+        return out
 
 
 def run_rounds(benchmark, runner: Interleaved, rounds: int) -> None:

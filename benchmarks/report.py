@@ -25,11 +25,13 @@ TARGETS = {
     "fused / frozen, fwd": ("<=", 1.03),
     "auto / faster of fused and composed, fwd+bwd": ("<=", 1.03),
     "PEFT (fp32 adapter) / ours, fwd+bwd": (">=", 1.10),
+    "PEFT (fp32 adapter) / ours, fwd+bwd, CPU time": (">=", 1.10),
     "saved bytes ours / PEFT, dropout 0": ("<=", 1.0),
     "saved bytes ours / PEFT, dropout > 0": ("<=", 0.5),
     "fold / device copy, bandwidth": (">=", 0.85),
     "fused / PEFT, training tokens/s": (">=", 1.15),
     "ours / PEFT, training tokens/s": (">", 1.0),
+    "ours / PEFT, training tokens/s, CPU time": (">", 1.0),
     "fused / PEFT, peak memory": ("<=", 1.0),
 }
 #: What a user gets by default: the composed path on CPU, the per-shape choice on CUDA.
@@ -105,6 +107,9 @@ def _layer_ratios(group, layer, device):
             out.append(
                 _ratio("PEFT (fp32 adapter) / ours, fwd+bwd", group, mode, peft["median_ms"] / mine["median_ms"])
             )
+            if peft.get("cpu_median_ms") and mine.get("cpu_median_ms"):
+                value = peft["cpu_median_ms"] / mine["cpu_median_ms"]
+                out.append(_ratio("PEFT (fp32 adapter) / ours, fwd+bwd, CPU time", group, mode, value))
         if peft and peft.get("saved_bytes") and mine.get("saved_bytes") is not None:
             out.append(
                 _ratio("saved bytes ours / PEFT, dropout 0", group, mode, mine["saved_bytes"] / peft["saved_bytes"])
@@ -153,6 +158,9 @@ def compute_ratios(rows: list[dict], device: str = "") -> list[dict]:
                         "ours / PEFT, training tokens/s", group, row["mode"], row["tokens_per_s"] / peft["tokens_per_s"]
                     )
                 )
+                if row.get("cpu_median_ms") and peft.get("cpu_median_ms"):
+                    value = peft["cpu_median_ms"] / row["cpu_median_ms"]
+                    out.append(_ratio("ours / PEFT, training tokens/s, CPU time", group, row["mode"], value))
     return out
 
 
@@ -189,7 +197,12 @@ def tables(data: dict) -> str:
         f"Measured on **{env['device']}** ({', '.join(f'{k} {v}' for k, v in env['versions'].items() if v)}), "
         f"commit `{env['commit'][:12]}`, {env['date']}. Times are medians [10%, 90% quantiles] of rounds in which "
         "every variant of a table runs once, interleaved"
-        + (", by the wall clock (CPU)." if cpu else ", by CUDA events (L2 flushed before each call).")
+        + (
+            ", by the wall clock (CPU; with one torch thread also the thread's CPU time, which leaves out the "
+            "time other processes held the core)."
+            if cpu
+            else ", by CUDA events (L2 flushed before each call)."
+        )
     )
     load = env.get("load_average")
     if load:
@@ -206,9 +219,11 @@ def tables(data: dict) -> str:
             "kept for backward beyond the parameters and the block's inputs; peak = the step's extra memory)",
             "",
         ]
+        cpu_col = any(r.get("cpu_median_ms") is not None for r in layer)
         lines += [
-            "| variant | mode | dropout | fwd+bwd ms | x floor | fwd ms | x floor | saved KiB | peak MB |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| variant | mode | dropout | fwd+bwd ms | x floor | fwd ms | x floor | saved KiB | peak MB |"
+            + (" fwd+bwd CPU ms | x floor |" if cpu_col else ""),
+            "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if cpu_col else ""),
         ]
         for key in dict.fromkeys((r["variant"], r["mode"], r.get("dropout", 0.0)) for r in layer):
             cells = []
@@ -217,18 +232,23 @@ def tables(data: dict) -> str:
                 base = floor[p]
                 cells += [_spread(row), _fmt(row and base and row["median_ms"] / base["median_ms"], 2)]
             row = _find(layer, variant=key[0], mode=key[1], dropout=key[2], phase="fwd+bwd") or {}
-            lines.append(
+            line = (
                 f"| {key[0]} | {key[1]} | {_dropout(row)} | "
                 + " | ".join(cells)
                 + f" | {_kib(row.get('saved_bytes'))} | {_fmt(row.get('peak_mb'), 1)} |"
             )
+            if cpu_col:
+                cpu, base = row.get("cpu_median_ms"), (floor["fwd+bwd"] or {}).get("cpu_median_ms")
+                line += f" {_fmt(cpu)} | {_fmt(cpu and base and cpu / base, 2)} |"
+            lines.append(line)
     for group, overhead in _groups(rows, "overhead").items():
         floor = _find(overhead, variant="nn.Linear (frozen)")
         lines += ["", f"**Host overhead, {group}** (one forward+backward; compute negligible)", ""]
-        lines += ["| variant | us per call | x nn.Linear (frozen) |", "|---|---|---|"]
+        lines += ["| variant | us per call | x nn.Linear (frozen) | CPU us per call |", "|---|---|---|---|"]
         for row in overhead:
             ratio = row["median_us"] / floor["median_us"] if floor else None
-            lines.append(f"| {row['variant']} | {_spread(row, 'us', 1)} | {_fmt(ratio, 2)} |")
+            cpu = _fmt(row.get("cpu_median_us"), 1)
+            lines.append(f"| {row['variant']} | {_spread(row, 'us', 1)} | {_fmt(ratio, 2)} | {cpu} |")
     for group, merge in _groups(rows, "merge").items():
         copy = _find(merge, variant="device copy")
         lines += ["", f"**Merge fold, {group}** (bandwidth counts W read + written)", ""]
@@ -240,8 +260,8 @@ def tables(data: dict) -> str:
         peft = _find(e2e, variant="peft_fp32", dropout=0.0)
         lines += ["", f"**Training step, {group}** (saved = bytes kept for backward by one forward of the model)", ""]
         lines += [
-            "| variant | mode | dropout | step ms | tokens/s | x PEFT | saved MB | peak MB |",
-            "|---|---|---|---|---|---|---|---|",
+            "| variant | mode | dropout | step ms | tokens/s | x PEFT | saved MB | peak MB | step CPU ms |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for row in e2e:
             ratio = row["tokens_per_s"] / peft["tokens_per_s"] if peft else None
@@ -249,7 +269,7 @@ def tables(data: dict) -> str:
             lines.append(
                 f"| {row['variant']} | {row['mode']} | {_dropout(row)} | {_spread(row, digits=1)} | "
                 f"{_fmt(row['tokens_per_s'], 0)} | {_fmt(ratio, 2)} | {_fmt(saved and saved / 2**20, 1)} | "
-                f"{_fmt(row.get('peak_mb'), 0)} |"
+                f"{_fmt(row.get('peak_mb'), 0)} | {_fmt(row.get('cpu_median_ms'), 1)} |"
             )
     ratios = data.get("ratios") or compute_ratios(rows, env["device"])
     if ratios:

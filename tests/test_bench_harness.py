@@ -187,6 +187,33 @@ def test_ratios_from_rows():
     assert "| peft_fp32 | none | 0.1 | 3.500 | 1.75 | - | - | 1 | - |" in text
 
 
+def test_cpu_time_is_recorded_and_compared(monkeypatch):
+    """Single-threaded CPU runs also record the thread's CPU time per call; the report compares
+    it as a load-robust cross-check of the wall-clock target."""
+    monkeypatch.setattr(bench_lib, "IS_CUDA", False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+
+    class Busy:
+        def prepare(self):
+            pass
+
+        def step(self):
+            sum(range(20000))
+
+    runner = bench_lib.Interleaved({"a": Busy()}, timer=bench_lib.CallTimer())
+    for _ in range(3):
+        runner.round()
+    stats = runner.stats()["a"]
+    assert 0 < stats["cpu_median_ms"] <= stats["median_ms"] * 1.5
+    rows = [
+        layer_row("peft_fp32", "none", "fwd+bwd", 3.0) | {"cpu_median_ms": 2.4},
+        layer_row("composed", "ms", "fwd+bwd", 2.9) | {"cpu_median_ms": 2.0},
+    ]
+    got = {r["metric"]: round(r["value"], 6) for r in report.compute_ratios(rows, "cpu")}
+    assert got["PEFT (fp32 adapter) / ours, fwd+bwd, CPU time"] == 1.2
+    assert got["PEFT (fp32 adapter) / ours, fwd+bwd"] == round(3.0 / 2.9, 6)
+
+
 def test_readme_section_is_regenerated(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{report.README_START}\nold\n{report.README_END}\noutro\n")
