@@ -1,6 +1,6 @@
 """Benchmark session plumbing: one Results object per session, written as JSON and printed as
 tables at the end. ``RESLORA_BENCH_OUT`` overrides the output folder (default
-benchmarks/results/); CPU results are written too but are not meant to be committed."""
+benchmarks/results/); every run writes a new file, none is overwritten."""
 
 import os
 from pathlib import Path
@@ -9,20 +9,33 @@ import pytest
 import torch
 from bench_lib import DEVICE, IS_CUDA, Results
 
+# RESLORA_BENCH_THREADS pins torch's CPU thread count (default: torch's own choice). On a shared
+# machine one thread per process is far less disturbed by other processes than an OpenMP team
+# whose members get descheduled at every barrier.
+if os.environ.get("RESLORA_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["RESLORA_BENCH_THREADS"]))
+
 RESULTS = Results()
 
 
 def pytest_report_header(config):
     if IS_CUDA:
         return f"reslora benchmarks on {torch.cuda.get_device_name()}: LLaMA-7B projection shapes, bf16"
-    return "reslora benchmarks on CPU (no CUDA device): small shapes; reference and PEFT only, GPU cases skipped"
+    return (
+        f"reslora benchmarks on CPU (no CUDA device, {torch.get_num_threads()} threads): composed, reference and PEFT; "
+        "fused, auto-on-CUDA and torch.compile variants are GPU only"
+    )
 
 
 @pytest.fixture(autouse=True)
-def _isolate(monkeypatch):
+def _isolate():
     torch.manual_seed(0)
-    monkeypatch.delenv("RESLORA_BACKEND", raising=False)  # variants set it themselves
+    # The variants set RESLORA_BACKEND themselves; the caller's value comes back afterwards.
+    saved = os.environ.pop("RESLORA_BACKEND", None)
     yield
+    os.environ.pop("RESLORA_BACKEND", None)
+    if saved is not None:
+        os.environ["RESLORA_BACKEND"] = saved
     if IS_CUDA:
         torch.cuda.empty_cache()
 

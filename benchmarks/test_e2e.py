@@ -1,18 +1,30 @@
-"""A whole training step of a LLaMA-architecture model with random weights: tokens/s and peak
-memory for the frozen floor, PEFT LoRA, and ResLoRA (reference and fused) in each mode.
+"""A whole training step of a LLaMA-architecture model with random weights: tokens/s, bytes saved
+for backward and peak memory for the frozen floor, PEFT LoRA (dropout 0 and > 0) and ResLoRA in
+each mode, on every backend that runs fast here; every variant's steps interleaved round by round.
 
 GPU: ~1.1B parameters (hidden 2048, 22 layers, the TinyLlama shape), seq 2048, batch
 RESLORA_BENCH_E2E_BATCH (default 8), bf16, adapters on q,k,v,o,gate,up,down at r = 16, AdamW on the
-adapters. CPU: a tiny model of the same architecture.
+adapters. CPU: a small model of the same architecture (hidden 256, 4 layers, 512 tokens per step),
+large enough that the projections' GEMMs dominate the step.
 """
 
 import copy
 import os
-import statistics
 
 import pytest
 import torch
-from bench_lib import DEVICE, IS_CUDA, MODES, peft, synchronize
+from bench_lib import (
+    BACKEND_OF,
+    DEVICE,
+    DROPOUT,
+    IS_CUDA,
+    MODES,
+    Interleaved,
+    peak_bytes,
+    peft,
+    run_rounds,
+    saved_bytes,
+)
 
 from reslora_kernels import ResLoRAConfig, apply_reslora
 
@@ -28,22 +40,29 @@ if IS_CUDA:
         num_key_value_heads=4,
         vocab_size=32000,
     )
-    SEQ, BATCH, DTYPE, STEPS = 2048, int(os.environ.get("RESLORA_BENCH_E2E_BATCH", "8")), torch.bfloat16, 6
+    SEQ, BATCH, DTYPE, ROUNDS = 2048, int(os.environ.get("RESLORA_BENCH_E2E_BATCH", "8")), torch.bfloat16, 6
+    IMPLS = ("reference", "composed", "fused", "auto")
 else:
     SIZES = dict(
-        hidden_size=64,
-        intermediate_size=176,
+        hidden_size=256,
+        intermediate_size=688,
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
-        vocab_size=256,
+        vocab_size=512,
     )
-    SEQ, BATCH, DTYPE, STEPS = 64, 4, torch.float32, 5
+    SEQ, BATCH, DTYPE, ROUNDS = 128, 4, torch.float32, int(os.environ.get("RESLORA_BENCH_E2E_ROUNDS", "11"))
+    IMPLS = ("reference", "composed")
+OURS = "auto" if IS_CUDA else "composed"
 GROUP = (
     f"llama h={SIZES['hidden_size']} L={SIZES['num_hidden_layers']} seq={SEQ} batch={BATCH} "
     f"r=16 {str(DTYPE).replace('torch.', '')}"
 )
-VARIANTS = [("frozen", "-"), ("peft_fp32", "none")] + [(v, m) for v in ("reference", "fused") for m in MODES]
+VARIANTS = (
+    [("frozen", "-", 0.0), ("peft_fp32", "none", 0.0), ("peft_fp32", "none", DROPOUT)]
+    + [(impl, mode, 0.0) for impl in IMPLS for mode in MODES]
+    + [(OURS, mode, DROPOUT) for mode in MODES]
+)
 
 
 @pytest.fixture(scope="module")
@@ -55,60 +74,69 @@ def base_model():
     return model.requires_grad_(False)
 
 
-def build(base, variant, mode):
-    model = copy.deepcopy(base)
+def build(base, variant, mode, dropout):
+    # The frozen base parameters are shared by every variant (the memo maps them to
+    # themselves): all variants fit in memory at once, so their steps can be interleaved.
+    model = copy.deepcopy(base, memo={id(p): p for p in base.parameters()})
     if variant == "peft_fp32":
-        config = peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0)
+        config = peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=dropout)
         model = peft.get_peft_model(model, config)  # default: adapters upcast to float32
-    elif variant in ("reference", "fused"):
-        apply_reslora(model, ResLoRAConfig(mode=mode, rank=16, alpha=32, target_modules=TARGETS))
+    elif variant != "frozen":
+        apply_reslora(model, ResLoRAConfig(mode=mode, rank=16, alpha=32, dropout=dropout, target_modules=TARGETS))
     # Every variant back-propagates through the whole stack, the floor included.
     model.get_input_embeddings().register_forward_hook(lambda mod, args, out: out.requires_grad_())
     return model.train()
 
 
-@pytest.mark.parametrize("variant, mode", VARIANTS, ids=lambda v: v)
-def test_training_step(benchmark, results, base_model, variant, mode):
-    if variant == "fused" and not IS_CUDA:
-        pytest.skip("GPU only: on CPU the fused kernels run in Triton's interpreter, which is no speed")
-    if variant == "peft_fp32" and peft is None:
+class Step:
+    """One optimizer step of one variant: ``prepare`` (untimed) sets the backend."""
+
+    def __init__(self, model, backend, ids):
+        self.model, self.backend, self.ids = model, backend, ids
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+        self.alive = list(model.parameters()) + list(model.buffers())
+
+    def prepare(self):
+        os.environ["RESLORA_BACKEND"] = self.backend
+
+    def loss(self):
+        return self.model(input_ids=self.ids, labels=self.ids).loss
+
+    def step(self):
+        self.loss().backward()
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+
+def test_training_step(benchmark, results, base_model):
+    if peft is None:
         pytest.skip("peft is not installed")
-    os.environ["RESLORA_BACKEND"] = "torch" if variant == "reference" else "auto"
-    model = build(base_model, variant, mode)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if variant != "frozen" else None
     ids = torch.randint(0, SIZES["vocab_size"], (BATCH, SEQ), device=DEVICE)
-
-    def step():
-        model(input_ids=ids, labels=ids).loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-    for _ in range(2):  # warm-up: compile, autotune, allocator, optimizer state
-        step()
-    synchronize()
-    if IS_CUDA:
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(STEPS):
-        if IS_CUDA:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            import time
-
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    ms = statistics.median(times)
-    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if IS_CUDA else None
-    tokens_per_s = BATCH * SEQ / (ms / 1e3)
-    benchmark.group = f"e2e {GROUP}"
-    benchmark.extra_info.update(device_median_ms=ms, tokens_per_s=tokens_per_s, peak_mb=peak_mb)
-    benchmark.pedantic(lambda: (step(), synchronize()), rounds=1, warmup_rounds=0)
-    results.add("e2e", GROUP, variant, mode=mode, median_ms=ms, tokens_per_s=tokens_per_s, peak_mb=peak_mb)
+    steps = {}
+    for variant, mode, dropout in VARIANTS:
+        torch.manual_seed(0)
+        steps[(variant, mode, dropout)] = Step(
+            build(base_model, variant, mode, dropout), BACKEND_OF.get(variant, "auto"), ids
+        )
+    runner = Interleaved(steps)
+    runner.warm_up(2)  # compile, autotune, allocator, optimizer state
+    benchmark.group = f"e2e {GROUP} (one round = one step of every variant)"
+    run_rounds(benchmark, runner, ROUNDS)
+    for (variant, mode, dropout), stats in runner.stats().items():
+        step = steps[(variant, mode, dropout)]
+        step.prepare()
+        saved = saved_bytes(step.loss, step.alive)  # the whole model's, one forward
+        peak = peak_bytes(step.step)
+        results.add(
+            "e2e",
+            GROUP,
+            variant,
+            mode=mode,
+            dropout=dropout,
+            tokens_per_s=BATCH * SEQ / (stats["median_ms"] / 1e3),
+            saved_bytes=saved,
+            peak_mb=None if peak is None else peak / 2**20,
+            **stats,
+        )

@@ -1,23 +1,15 @@
-"""The functional ResLoRA op: input checks, the backend switch, and dispatch.
-
-``RESLORA_BACKEND`` (read at every call) picks the implementation:
-
-* ``auto`` (default): CUDA tensors run the fused Triton kernels, everything else the reference;
-* ``torch``: always the pure-PyTorch reference;
-* ``triton``: always the Triton kernels. On CPU tensors this needs ``TRITON_INTERPRET=1`` set
-  before ``reslora_kernels`` is imported; otherwise it raises instead of falling back.
+"""The functional ResLoRA op: input checks, then dispatch to the backend ``RESLORA_BACKEND``
+selects (``auto``, ``reference``, ``composed`` or ``fused``; see :mod:`reslora_kernels.backend`).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from contextlib import nullcontext
 
 import torch
 
-from . import reference
-from .dtypes import KERNEL_DTYPES
+from . import backend, reference
 
 __all__ = [
     "BACKEND_ENV",
@@ -32,51 +24,10 @@ __all__ = [
     "fold_lora_",
 ]
 
-BACKEND_ENV = "RESLORA_BACKEND"
-BACKENDS = ("auto", "torch", "triton")
-
-# The dtypes the Triton kernels implement; the reference also takes float64.
-TRITON_DTYPES = KERNEL_DTYPES
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_import_error() -> Exception | None:
-    try:
-        from . import fused  # noqa: F401  (imports triton and the kernels)
-    except ImportError as err:
-        return err
-    return None
-
-
-def resolve_backend(x: torch.Tensor) -> str:
-    """``"torch"`` or ``"triton"``: which implementation runs for input ``x``."""
-    choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
-    if choice not in BACKENDS:
-        raise ValueError(f"{BACKEND_ENV}={choice!r} is not one of {', '.join(BACKENDS)}")
-    if choice == "torch":
-        return "torch"
-    if choice == "auto":
-        if x.device.type == "cuda" and x.dtype in TRITON_DTYPES and _triton_import_error() is None:
-            return "triton"
-        return "torch"
-    # choice == "triton": never fall back silently.
-    err = _triton_import_error()
-    if err is not None:
-        raise RuntimeError(f"{BACKEND_ENV}=triton but the Triton kernels cannot be imported: {err}") from err
-    if x.dtype not in TRITON_DTYPES:
-        raise TypeError(f"{BACKEND_ENV}=triton supports float16, bfloat16 and float32 inputs, got {x.dtype}")
-    if x.device.type == "cuda":
-        return "triton"
-    if x.device.type == "cpu":
-        from .ops import INTERPRETED
-
-        if not INTERPRETED:
-            raise RuntimeError(
-                f"{BACKEND_ENV}=triton on CPU tensors runs Triton's interpreter: set TRITON_INTERPRET=1 "
-                "before importing reslora_kernels (or use a CUDA device, or RESLORA_BACKEND=torch)"
-            )
-        return "triton"
-    raise RuntimeError(f"{BACKEND_ENV}=triton cannot run on {x.device.type} tensors")
+# The switch lives in backend.py; these names stay importable from here.
+BACKEND_ENV = backend.BACKEND_ENV
+BACKENDS = backend.BACKENDS
+resolve_backend = backend.resolve_backend
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -257,10 +208,17 @@ def run_reslora_linear(
     steps). Runs with autocast off: the inputs are in their compute dtype already."""
     if dropout_p > 0.0 and dropout_seed is None:
         dropout_seed = draw_dropout_seed(x.device)
-    if resolve_backend(x) == "torch":
-        impl = reference.reslora_linear
-    else:
-        from .fused import fused_reslora_linear as impl
+    impl = backend.select(
+        x,
+        weight,
+        bias,
+        lora_A,
+        lora_B,
+        x_prev=x_prev,
+        z_prev=z_prev,
+        dropout_p=dropout_p,
+        compute_x_sqnorm=compute_x_sqnorm,
+    )
     # The op's inputs are cast already; autocast inside it would recast its matmuls.
     context = torch.autocast(x.device.type, enabled=False) if autocast_dtype(x) is not None else nullcontext()
     with context:
@@ -296,12 +254,14 @@ def _cuda_extension():
 
 def fold_backend(weight: torch.Tensor) -> str:
     """``"cuda"`` (the CUDA C++ extension), ``"triton"`` or ``"torch"``: which fold runs for
-    ``weight``. ``auto`` prefers the CUDA extension on CUDA tensors when it was built."""
-    backend = resolve_backend(weight)
-    choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
-    if backend == "triton" and choice == "auto" and _cuda_extension()[0] is not None:
+    ``weight``. ``auto`` prefers the CUDA extension on CUDA tensors when it was built; the
+    reference and the composed path fold with torch's addmm."""
+    block_backend = resolve_backend(weight)
+    if block_backend in ("reference", "composed"):
+        return "torch"
+    if block_backend == "auto" and _cuda_extension()[0] is not None:
         return "cuda"
-    return backend
+    return "triton"
 
 
 def fold_report() -> str:
@@ -309,7 +269,7 @@ def fold_report() -> str:
     extension, reason = _cuda_extension()
     if extension is not None:
         return "fold on CUDA tensors: CUDA C++ extension (reslora_kernels._C)"
-    if _triton_import_error() is None:
+    if backend.fused_import_error() is None:
         return f"fold on CUDA tensors: Triton (CUDA extension {reason})"
     return f"fold on CUDA tensors: PyTorch reference (no Triton, CUDA extension {reason})"
 

@@ -49,6 +49,19 @@ def toy_stack(x0, params, scaling, mode, pre_num, masks=None, p=0.0):
     return ys
 
 
+def oracle_grads(params, x0, scaling, mode, pre_num, masks, p, probes, dtype):
+    """Outputs, (dA, dB) per block and dx of the toy stack evaluated in ``dtype``, for the loss
+    sum_n <y_n, probes[n]>."""
+    cast = [
+        tuple(None if t is None else t.detach().to(dtype).requires_grad_(i >= 2) for i, t in enumerate(ps))
+        for ps in params
+    ]
+    x = x0.detach().to(dtype).requires_grad_()
+    ys = toy_stack(x, cast, scaling, mode, pre_num, masks, p)
+    sum((y * w.to(dtype)).sum() for y, w in zip(ys, probes)).backward()
+    return ys, [(A.grad, B.grad) for _, _, A, B in cast], x.grad
+
+
 def merged_weight(n, params, scaling, mode, pre_num, a=None):
     """Merged weight of block n (DESIGN.md section 3): exact for none/bs, W + s(1+a_n) B A otherwise."""
     W, _, A, B = params[n]

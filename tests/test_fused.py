@@ -177,12 +177,12 @@ def test_norm_statistics_come_from_the_kernel(triton_backend):
     assert model.blocks[0].recorded_norm_mean() == pytest.approx(float(x.norm()), rel=1e-5)
 
 
-def test_auto_keeps_cpu_tensors_on_the_reference(monkeypatch):
+def test_auto_runs_cpu_tensors_on_the_composed_path(monkeypatch):
     x = torch.randn(2, 4)
-    assert functional.resolve_backend(x) == "torch"
+    assert functional.resolve_backend(x) == "composed"
     monkeypatch.setenv("RESLORA_BACKEND", "triton")
     if KERNEL_DEVICE == "cpu":
-        assert functional.resolve_backend(x) == "triton"
+        assert functional.resolve_backend(x) == "fused"
         monkeypatch.setattr(ops, "INTERPRETED", False)
         with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1 before importing reslora_kernels"):
             functional.resolve_backend(x)

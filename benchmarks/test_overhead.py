@@ -1,0 +1,78 @@
+"""Host overhead: one block's forward+backward at a tiny shape, where the compute is negligible and
+what is left is the per-call Python and dispatch cost (what dominates small batches and
+decoding). Per backend, against nn.Linear and PEFT, and our layer split into its parts: the
+module, the functional op (checks + backend choice), the autograd Function alone.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from bench_lib import DEVICE, IS_CUDA, Interleaved, peft, run_rounds, synchronize
+
+from reslora_kernels import FusedResLoRALinear, functional
+from reslora_kernels.composed import composed_reslora_linear
+
+M, K, N, RANK = 4, 64, 64, 8
+DTYPE = torch.bfloat16 if IS_CUDA else torch.float32
+CALLS = 50  # calls per timed sample: the per-call time is the sample / CALLS
+ROUNDS = 15
+GROUP = f"M={M} {K}->{N} r={RANK} {str(DTYPE).replace('torch.', '')}"
+
+
+class Batch:
+    """``CALLS`` forward+backward calls of ``fn`` (backward with a fixed ``grad_out``) as one timed
+    step, one synchronisation at the end on CUDA; ``prepare`` sets the backend, untimed."""
+
+    def __init__(self, fn, leaves, backend=None):
+        self.fn, self.leaves, self.backend = fn, leaves, backend
+        self.grad_out = torch.ones(M, N, device=DEVICE, dtype=DTYPE)
+
+    def prepare(self):
+        if self.backend is not None:
+            os.environ["RESLORA_BACKEND"] = self.backend
+        for t in self.leaves:
+            t.grad = None
+
+    def step(self):
+        for _ in range(CALLS):
+            self.fn().backward(self.grad_out)
+        synchronize()
+
+
+def variants():
+    factory = {"device": DEVICE, "dtype": DTYPE}
+    x = torch.randn(M, K, **factory, requires_grad=True)
+    out = {}
+    frozen = nn.Linear(K, N, **factory).requires_grad_(False)
+    out["nn.Linear (frozen)"] = Batch(lambda: frozen(x), [x])
+    trainable = nn.Linear(K, N, **factory)
+    out["nn.Linear (trainable)"] = Batch(lambda: trainable(x), [x, *trainable.parameters()])
+    if peft is not None:
+        from bench_lib import _Wrap
+
+        model = peft.get_peft_model(_Wrap(nn.Linear(K, N, **factory)), peft.LoraConfig(r=RANK, target_modules=["proj"]))
+        out["PEFT LoRA"] = Batch(lambda: model(x), [x, *(p for p in model.parameters() if p.requires_grad)])
+    layer = FusedResLoRALinear(K, N, **factory, rank=RANK, alpha=2 * RANK)
+    params = [layer.lora_A, layer.lora_B]
+    backends = ["reference", "composed"] + (["fused", "auto"] if IS_CUDA else [])
+    for name in backends:
+        out[f"layer, {name}"] = Batch(lambda: layer(x), [x, *params], name)
+    args = (layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
+    out["functional, composed"] = Batch(lambda: functional.reslora_linear(x, *args)[0], [x, *params], "composed")
+    out["Function only, composed"] = Batch(lambda: composed_reslora_linear(x, *args)[0], [x, *params])
+    return out
+
+
+def test_host_overhead(benchmark, results):
+    if DEVICE == "cpu" and torch.get_num_threads() < 1:
+        pytest.skip("no CPU threads")
+    cases = variants()
+    runner = Interleaved(cases)
+    runner.warm_up(2)
+    benchmark.group = f"host overhead {GROUP} (one round = {CALLS} calls of every variant)"
+    run_rounds(benchmark, runner, ROUNDS)
+    for name, stats in runner.stats().items():
+        per_call = {k.replace("_ms", "_us"): v * 1e3 / CALLS for k, v in stats.items() if k.endswith("_ms")}
+        results.add("overhead", GROUP, name, rounds=stats["rounds"], calls_per_round=CALLS, **per_call)
