@@ -14,7 +14,7 @@ the comparison is rebuilt from its saved adapter (``save_reslora`` / ``load_resl
 
 Writes ``compare_modes.json`` (versions, git commit, settings, per-step training loss, accuracies)
 and ``compare_modes.png`` (training-loss curves, held-out accuracy per mode, the learning-rate
-sweep) to ``--out``; ``examples/report.py`` makes the README's table from the JSON.
+sweep) to ``--out``; ``examples/compare_report.py`` makes the README's table from the JSON.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import report
+import compare_report as report
 import torch
 import tweets
 from safetensors.torch import load_file, save_file
@@ -378,6 +378,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     git = git_state()  # the code that runs, before anything is written
+    load_at_start = os.getloadavg()[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = Data(args)
@@ -431,6 +432,10 @@ def main(argv=None) -> dict:
         "selected": {"plain_lora_best_lr": best_lr},
         "runs": runs,
         "wall_seconds": time.perf_counter() - started,
+        # The process's own CPU time (one thread: about what the run takes on an idle machine) and the
+        # machine's load at the start and the end: on a shared machine the wall time says little.
+        "cpu_seconds": time.process_time(),
+        "load_average": {"start": load_at_start, "end": os.getloadavg()[0]},
     }
     json_path = out / f"{RESULTS_NAME}.json"
     json_path.write_text(json.dumps(results, indent=1) + "\n")

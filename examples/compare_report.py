@@ -1,8 +1,8 @@
 """The table, the remarks and the plot of ``examples/compare_modes.py``, made from its results JSON.
 
-    python examples/report.py examples/results/compare_modes.json                    # print the table
-    python examples/report.py examples/results/compare_modes.json --readme README.md # rewrite README's results
-    python examples/report.py examples/results/compare_modes.json --png out.png      # redraw the plot
+    python examples/compare_report.py examples/results/compare_modes.json                     # print the table
+    python examples/compare_report.py examples/results/compare_modes.json --readme README.md  # rewrite README's
+    python examples/compare_report.py examples/results/compare_modes.json --png out.png       # redraw the plot
 
 Nothing here is typed in: every number comes from the JSON, so README and results cannot disagree.
 """
