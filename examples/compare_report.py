@@ -87,6 +87,19 @@ def _merged(group: dict, method: str) -> str:
     return f"{statistics.fmean(m for m, _ in pairs) * 100:.1f} ({change * 100:+.1f})"
 
 
+def _cost(results: dict) -> list[str]:
+    if "cpu_seconds" not in results:
+        return []
+    load = results["load_average"]
+    return [
+        f"The whole run took {results['wall_seconds'] / 60:.0f} minutes of wall time and "
+        f"{results['cpu_seconds'] / 60:.0f} minutes of CPU time (torch on {results['versions']['torch_threads']} "
+        f"thread(s)); the machine's 1-minute load average was {load['start']:.1f} at the start and "
+        f"{load['end']:.1f} at the end, on {results['versions']['cpu_count']} cores.",
+        "",
+    ]
+
+
 def markdown(results: dict) -> str:
     """Settings, the comparison table, the learning-rate sweep and remarks, as Markdown."""
     s = results["settings"]
@@ -94,18 +107,20 @@ def markdown(results: dict) -> str:
     base = found[0]
     best = next((g for g in found if g["key"] == "lora_best"), base)
     seeds = len(s["seeds"])
+    targets = ", ".join(f"`{name}`" for name in s["target_modules"])
     n_test = sum(results["dataset"]["counts"]["test"].values())
     n_train = sum(results["dataset"]["counts"]["train"].values())
     lines = [
         f"MiniLM-L6 ({s['model_params'] / 1e6:.1f}M parameters), LoRA r = {s['rank']}, alpha {s['alpha']:g} on "
-        f"{len(s['target_modules'])} target names (36 linear layers), {s['trainable_params']:,} trainable parameters "
-        f"with the head; {s['steps']} steps of {s['batch_size']} tweets ({s['steps'] * s['batch_size']:,} of "
+        f"the encoder's linear layers ({targets}), {s['trainable_params']:,} trainable parameters with the head; "
+        f"{s['steps']} steps of {s['batch_size']} tweets ({s['steps'] * s['batch_size']:,} of "
         f"{n_train:,} training tweets seen, max {s['max_length']} tokens), AdamW, {s['schedule']}; seeds "
         f"{', '.join(map(str, s['seeds']))}; test split {n_test:,} tweets; CPU "
         f"({results['versions']['cpu_count']} cores, torch {results['versions']['torch']}); commit "
         f"`{(results['git']['commit'] or 'unknown')[:10]}`{DIRTY if results['git']['dirty'] else ''}."
         + (" **Quick smoke run: the numbers mean nothing.**" if s["quick"] else ""),
         "",
+        *_cost(results),
         f"Values: mean over the {seeds} seeds (min–max). Differences are paired by seed (same head and `lora_A` "
         "initialisation, same batches), with the number of seeds on which the row is better. Merged columns: test "
         "accuracy of the model rebuilt with `load_reslora` and merged, (change against the unmerged model).",
