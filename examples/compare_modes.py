@@ -2,8 +2,8 @@
 sentiment, every mode with the same seeds, steps and data order, and see what each merge keeps.
 
     pip install -e ".[examples]"
-    python examples/compare_modes.py            # the committed experiment (about 25 minutes on 2 CPU cores)
-    python examples/compare_modes.py --quick    # a few seconds: what CI runs so the example cannot rot
+    python examples/compare_modes.py --threads 1  # the committed experiment (its time: see README)
+    python examples/compare_modes.py --quick      # seconds of training: what CI runs so the example cannot rot
 
 For every seed: plain LoRA (mode ``none``) at each learning rate of a small sweep, and ``is``, ``bs``,
 ``ms`` at the base learning rate; LoRA r = 8 on every linear layer of the encoder, the new
@@ -57,13 +57,13 @@ MERGE_METHODS = ("auto", "lstsq")
 LSTSQ_MODES = ("is", "ms")  # lstsq fits a shortcut term; none and bs merge exactly without one
 
 FULL = dict(
-    steps=100,
+    steps=80,
     batch_size=16,
     max_length=64,
     seeds=[0, 1, 2],
     lr=1e-3,
-    lr_sweep=[5e-4, 1e-3, 2e-3, 4e-3],
-    n_val=500,
+    lr_sweep=[1e-3, 2e-3, 4e-3],
+    n_val=400,
     n_test=1000,
     calibration_batches=8,
     out=HERE / "results",
@@ -326,7 +326,12 @@ def git_state() -> dict:
 
     # Tracked files only: an untracked file cannot change what runs; the results being written are excluded.
     status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)examples/results")
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
+    changed = [line[3:] for line in status.splitlines()] if status is not None else None
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": bool(changed) if changed is not None else None,
+        "changed": changed,
+    }
 
 
 def versions() -> dict:

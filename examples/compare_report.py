@@ -126,20 +126,18 @@ def markdown(results: dict) -> str:
         "accuracy of the model rebuilt with `load_reslora` and merged, (change against the unmerged model).",
         "",
         f"| run | final train loss | test accuracy % | vs {base['label']}: points (seeds ahead) | vs best-lr LoRA | "
-        "merged `auto` | merged `lstsq` | step time vs LoRA |",
-        "|---|---|---|---|---|---|---|---|",
+        "merged `auto` | merged `lstsq` |",
+        "|---|---|---|---|---|---|---|",
     ]
-    base_step = statistics.fmean(r["step_seconds_median"] for r in base["runs"])
     for group in found:
         runs = group["runs"]
         acc = lambda r: r["test_accuracy"]
-        step = statistics.fmean(r["step_seconds_median"] for r in runs)
         lines.append(
             f"| {group['label']} | {_spread([final_loss(r) for r in runs], digits=3)} "
             f"| {_spread([acc(r) for r in runs], scale=100)} "
             f"| {'–' if group is base else _paired(group, base, acc)} "
             f"| {'–' if group is best or best is base else _paired(group, best, acc)} "
-            f"| {_merged(group, 'auto')} | {_merged(group, 'lstsq')} | {step / base_step:.2f}x |"
+            f"| {_merged(group, 'auto')} | {_merged(group, 'lstsq')} |"
         )
     lines += ["", "Plain LoRA's learning-rate sweep (the best by mean validation accuracy is then compared):", ""]
     lines += ["| lr | validation accuracy % | test accuracy % | final train loss |", "|---|---|---|---|"]
@@ -219,7 +217,7 @@ def plot(results: dict, path: Path) -> None:
 
     s = results["settings"]
     found = groups(results)
-    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(17, 5.2), gridspec_kw={"width_ratios": [1.2, 1.3, 1]})
+    fig, ((ax_loss, ax_diff), (ax_acc, ax_lr)) = plt.subplots(2, 2, figsize=(15, 10))
     window = max(1, s["steps"] // 15)
 
     for group in found:
@@ -241,6 +239,40 @@ def plot(results: dict, path: Path) -> None:
     ax_loss.set_title("training loss: mean over seeds, band = min–max")
     ax_loss.legend(fontsize=8)
     ax_loss.grid(alpha=0.3)
+
+    # Seeds differ more from each other than modes do; the same-seed difference shows the modes apart.
+    base = found[0]
+    base_curves = {r["seed"]: _smooth(r["loss"], window) for r in base["runs"]}
+    for group in found[1:]:
+        diffs = [
+            [a - b for a, b in zip(_smooth(r["loss"], window), base_curves[r["seed"]])]
+            for r in group["runs"]
+            if r["seed"] in base_curves
+        ]
+        if not diffs:
+            continue
+        length = min(map(len, diffs))
+        steps = range(1, length + 1)
+        color = COLORS[group["key"]]
+        style = "--" if group["key"] == "lora_best" else "-"
+        ax_diff.plot(
+            steps,
+            [statistics.fmean(d[i] for d in diffs) for i in range(length)],
+            style,
+            color=color,
+            label=group["label"],
+            lw=1.6,
+        )
+        if len(diffs) > 1:
+            low = [min(d[i] for d in diffs) for i in range(length)]
+            high = [max(d[i] for d in diffs) for i in range(length)]
+            ax_diff.fill_between(steps, low, high, color=color, alpha=0.10, lw=0)
+    ax_diff.axhline(0.0, color=COLORS[base["key"]], lw=1)
+    ax_diff.set_xlabel("step")
+    ax_diff.set_ylabel(f"training loss minus {base['label']}'s, same seed")
+    ax_diff.set_title("paired by seed: below 0 = lower loss than plain LoRA (mean, band = min–max)")
+    ax_diff.legend(fontsize=8)
+    ax_diff.grid(alpha=0.3)
 
     for x, group in enumerate(found):
         color = COLORS[group["key"]]
@@ -289,6 +321,8 @@ def plot(results: dict, path: Path) -> None:
             label=f"{group['mode']}, test",
         )
     ax_lr.set_xscale("log")
+    ax_lr.set_xticks(sweep, [f"{lr:g}" for lr in sweep])
+    ax_lr.minorticks_off()
     ax_lr.set_xlabel("learning rate")
     ax_lr.set_ylabel("accuracy (%)")
     ax_lr.set_title("plain LoRA's sweep (mean, min–max)")

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from reslora_kernels import ResLoRAConfig, apply_reslora, load_reslora, merge_and_unload, save_reslora
 
-FULL = dict(steps=100, batch_size=16, max_length=64, n_val=500, n_test=1000)
+FULL = dict(steps=80, batch_size=16, max_length=64, n_val=400, n_test=1000)
 QUICK = dict(steps=3, batch_size=4, max_length=32, n_val=16, n_test=24)
 HEAD_FILE = "head.safetensors"
 
