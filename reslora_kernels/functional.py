@@ -28,6 +28,7 @@ __all__ = [
 BACKEND_ENV = backend.BACKEND_ENV
 BACKENDS = backend.BACKENDS
 resolve_backend = backend.resolve_backend
+requested_backend = backend.requested_backend
 
 
 def _describe(t: torch.Tensor) -> str:

@@ -206,31 +206,49 @@ class FusedResLoRALinear(nn.Linear):
         return handle
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Attribute lookups on an nn.Module cost microseconds each: read everything once.
+        weight, bias, lora_A, lora_B, chain, mode = (
+            self.weight,
+            self.bias,
+            self.lora_A,
+            self.lora_B,
+            self._chain,
+            self.mode,
+        )
         # Under autocast the block computes in the autocast dtype, as nn.Linear would; the adapter
         # keeps its own dtype (the casts are differentiable, gradients arrive in it).
         dtype = functional.autocast_dtype(x)
-        # Fail on a bad input before the chain's pass state is touched.
+        # Fail on a bad input (or a misspelled RESLORA_BACKEND) before the chain's pass state is touched.
         try:
-            functional.check_inputs(x, self.weight, self.bias, self.lora_A, self.lora_B, compute_dtype=dtype)
+            functional.check_inputs(x, weight, bias, lora_A, lora_B, compute_dtype=dtype)
         except (TypeError, ValueError) as err:
             raise type(err)(f"{self._where()}: {err}") from None
-        x_prev, z_prev, lora_A, lora_B = self._chain.shortcut_inputs(self, x)
-        for hook in tuple(self._shortcut_hooks.values()):
-            hook(self, x, x_prev, z_prev)
-        if x_prev is not None or z_prev is not None or lora_A is not self.lora_A:
-            try:
-                functional.check_shortcuts(x, lora_A, lora_B, x_prev=x_prev, z_prev=z_prev, compute_dtype=dtype)
-            except (TypeError, ValueError) as err:
-                # E.g. a predecessor that ran on other tokens (routed experts): say who met whom.
-                raise type(err)(
-                    f"{self._where()}: {err}; the shortcut input came from its predecessor "
-                    f"{self._chain.block_names[self._chain_index - 1]}"
-                ) from None
-        x, weight, bias, lora_A, lora_B, x_prev, z_prev = functional.cast_to(
-            dtype, x, self.weight, self.bias, lora_A, lora_B, x_prev, z_prev
-        )
-        train_dropout = self.training and self.dropout > 0.0
-        record = self.training and self.mode in ("is", "ms")
+        functional.requested_backend()
+        x_prev = z_prev = None
+        if mode != "none":
+            own_A = lora_A
+            x_prev, z_prev, lora_A, lora_B = chain.shortcut_inputs(self, x)
+            if self._shortcut_hooks:
+                for hook in tuple(self._shortcut_hooks.values()):
+                    hook(self, x, x_prev, z_prev)
+            if x_prev is not None or z_prev is not None or lora_A is not own_A:
+                try:
+                    functional.check_shortcuts(x, lora_A, lora_B, x_prev=x_prev, z_prev=z_prev, compute_dtype=dtype)
+                except (TypeError, ValueError) as err:
+                    # E.g. a predecessor that ran on other tokens (routed experts): say who met whom.
+                    raise type(err)(
+                        f"{self._where()}: {err}; the shortcut input came from its predecessor "
+                        f"{chain.block_names[self._chain_index - 1]}"
+                    ) from None
+        elif self._shortcut_hooks:
+            for hook in tuple(self._shortcut_hooks.values()):
+                hook(self, x, None, None)
+        if dtype is not None:
+            x, weight, bias, lora_A, lora_B, x_prev, z_prev = functional.cast_to(
+                dtype, x, weight, bias, lora_A, lora_B, x_prev, z_prev
+            )
+        training = self.training
+        record = training and mode in ("is", "ms")
         y, z, x_sqnorm = functional.run_reslora_linear(
             x,
             weight,
@@ -240,12 +258,13 @@ class FusedResLoRALinear(nn.Linear):
             self.scaling,
             x_prev=x_prev,
             z_prev=z_prev,
-            dropout_p=self.dropout if train_dropout else 0.0,
-            compute_x_sqnorm=record and self.mode == "is",
+            dropout_p=self.dropout if training else 0.0,
+            compute_x_sqnorm=record and mode == "is",
         )
-        self._chain.after_forward(self, x, z, y)
+        if mode != "none":
+            chain.after_forward(self, x, z, y)
         if record:
-            self._record_norm(x_sqnorm if self.mode == "is" else reference.squared_norm(z))
+            self._record_norm(x_sqnorm if mode == "is" else reference.squared_norm(z))
         return y
 
     @torch.no_grad()

@@ -283,3 +283,14 @@ def test_a_shortcut_of_the_wrong_shape_names_both_blocks():
     model.blocks[0](torch.randn(4, 6, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"blocks.1 .*x_prev must have the input's shape.*predecessor blocks.0"):
         model.blocks[1](torch.randn(3, 6, dtype=torch.float64))
+
+
+def test_a_bad_backend_setting_raises_before_the_pass_changes(monkeypatch):
+    model = ToyStack(2, 6, "is")
+    x = torch.randn(2, 6, dtype=torch.float64)
+    model.blocks[0](x)
+    pending = model.blocks[0].chain._local.current
+    monkeypatch.setenv("RESLORA_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="RESLORA_BACKEND='bogus'"):
+        model.blocks[0](x)
+    assert model.blocks[0].chain._local.current is pending
