@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ..reference import COLUMN_SALT, MIX_MUL_1, MIX_MUL_2
+from ._target import launch
 
 # The hash constants as uint32 constexprs: a bare Python literal above 2^31 - 1 would be typed
 # differently from one below it, and the products must wrap modulo 2^32 as uint32.
@@ -114,7 +115,9 @@ def dropout_keep_mask(
     out = torch.empty((M, K), dtype=torch.int8, device=device)
     if out.numel():
         block = 32
-        _dropout_mask_kernel[(triton.cdiv(M, block), triton.cdiv(K, block))](
+        launch(
+            _dropout_mask_kernel,
+            (triton.cdiv(M, block), triton.cdiv(K, block)),
             out_ptr=out,
             seed_ptr=seed_tensor(seed, device),
             M=M,
