@@ -303,7 +303,9 @@ def _count_tiles_kernel(count_ptr, num_m, num_n, NUM_SMS: tl.constexpr, GROUP_M:
 @pytest.mark.parametrize("num_m, num_n, programs, group", [(5, 7, 3, 2), (9, 2, 4, 8), (1, 1, 3, 8), (16, 3, 5, 4)])
 def test_persistent_schedule_covers_every_tile_exactly_once(num_m, num_n, programs, group):
     counts = torch.zeros(num_m * num_n, dtype=torch.int32, device=KERNEL_DEVICE)
-    _count_tiles_kernel[(min(programs, num_m * num_n),)](counts, num_m, num_n, NUM_SMS=programs, GROUP_M=group)
+    _count_tiles_kernel[(min(programs, num_m * num_n),)](
+        count_ptr=counts, num_m=num_m, num_n=num_n, NUM_SMS=programs, GROUP_M=group
+    )
     assert torch.equal(counts, torch.ones_like(counts))
 
 
