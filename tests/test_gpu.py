@@ -32,16 +32,19 @@ def run_oracle(params, x0, scaling, mode, pre_num, probes, dtype):
     return ys, cast, x.grad
 
 
+@pytest.mark.parametrize("features", [FEATURES, 1000], ids=["aligned", "unaligned"])
 @pytest.mark.parametrize("mode", ["none", "is", "bs", "ms"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_realistic_size_against_float64(triton_backend, dtype, mode):
-    model = ToyStack(2, FEATURES, mode, pre_num=1, rank=RANK, alpha=32, dtype=dtype, device="cuda")
+def test_realistic_size_against_float64(triton_backend, dtype, mode, features):
+    """4096 tokens; a hidden size of 4096 (on Hopper: the TMA kernels) and of 1000 (not a multiple
+    of 16: the unaligned config tables, no TMA)."""
+    model = ToyStack(2, features, mode, pre_num=1, rank=RANK, alpha=32, dtype=dtype, device="cuda")
     with torch.no_grad():
         for block in model.blocks:  # keep activations O(1) through the stack
-            block.weight.normal_(0.0, FEATURES**-0.5)
+            block.weight.normal_(0.0, features**-0.5)
             block.lora_B.normal_(0.0, 0.02)
     params = oracle_params(model)
-    x0 = torch.randn(M, FEATURES, device="cuda", dtype=dtype, requires_grad=True)
+    x0 = torch.randn(M, features, device="cuda", dtype=dtype, requires_grad=True)
     ys = model(x0)
     probes = [torch.randn_like(y) for y in ys]
     sum((y * w).sum() for y, w in zip(ys, probes)).backward()
@@ -69,19 +72,6 @@ def test_training_step_never_syncs(triton_backend, mode):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert int(model.blocks[0].norm_count) == 2
-
-
-@pytest.mark.parametrize("mode", ["is", "ms"])
-def test_unaligned_features_against_float64(triton_backend, mode):
-    """A hidden size that is not a multiple of 16 (the unaligned config tables, no TMA), with
-    dropout, in bfloat16."""
-    features = 1000
-    model = ToyStack(2, features, mode, rank=RANK, dropout=0.1, dtype=torch.bfloat16, device="cuda").train()
-    x0 = torch.randn(3000, features, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    ys = model(x0)
-    assert all(torch.isfinite(y).all() for y in ys)
-    sum(y.float().sum() for y in ys).backward()
-    assert torch.isfinite(x0.grad).all() and all(torch.isfinite(b.lora_A.grad).all() for b in model.blocks)
 
 
 def test_launch_plan_matches_the_device():
