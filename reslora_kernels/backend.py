@@ -75,6 +75,9 @@ def _parse(raw: str | None) -> str:
 
 def requested_backend() -> str:
     """The canonical name of what ``RESLORA_BACKEND`` asks for (``auto`` when unset)."""
+    if torch.compiler.is_compiling():
+        # Dynamo traces through lru_cache wrappers (with a warning): call the function itself.
+        return _parse.__wrapped__(os.environ.get(BACKEND_ENV))
     return _parse(os.environ.get(BACKEND_ENV))
 
 
@@ -91,7 +94,7 @@ def fused_import_error() -> Exception | None:
 def fused_unavailable(x: torch.Tensor) -> tuple[type[Exception], str] | None:
     """``(error type, reason)`` when the fused kernels cannot run on tensors like ``x``, else
     ``None``. The reason reads after "the fused backend"."""
-    err = fused_import_error()
+    err = fused_import_error.__wrapped__() if torch.compiler.is_compiling() else fused_import_error()
     if err is not None:
         return RuntimeError, f"cannot run: the Triton kernels cannot be imported ({err})"
     if x.dtype not in KERNEL_DTYPES:

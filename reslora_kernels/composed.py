@@ -61,7 +61,9 @@ def _keep(x2: torch.Tensor, p: float, seed) -> torch.Tensor:
     """The 0/1 keep-mask of the ``[M, K]`` LoRA input in ``x2``'s dtype (exact in every dtype):
     :func:`reslora_kernels.reference.dropout_keep_mask`, bit for bit (tested), computed on CPU
     block by block of rows so that its passes stay in cache."""
-    if x2.device.type != "cpu":
+    if x2.device.type != "cpu" or torch.compiler.is_compiling():
+        # (Compiled: a Python loop over row blocks would specialise the graph on M; Inductor
+        # fuses the plain definition into one kernel anyway.)
         return dropout_keep_mask(x2.shape, p, seed, x2.device).to(x2.dtype)
     rows, cols = x2.shape
     keep = torch.empty((rows, cols), dtype=x2.dtype)

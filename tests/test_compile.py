@@ -24,9 +24,19 @@ def dynamo():
 
 
 @pytest.mark.parametrize(
-    "mode, pre_num, p", [("none", 1, 0.1), ("is", 1, 0.0), ("is", 1, 0.1), ("bs", 2, 0.1), ("ms", -1, 0.1)]
+    "backend, mode, pre_num, p",
+    [
+        ("composed", "none", 1, 0.1),
+        ("composed", "is", 1, 0.0),
+        ("composed", "is", 1, 0.1),
+        ("composed", "bs", 2, 0.1),
+        ("composed", "ms", -1, 0.1),
+        ("reference", "is", 1, 0.1),
+        ("reference", "ms", -1, 0.1),
+    ],
 )
-def test_compiled_training_matches_eager(dynamo, mode, pre_num, p):
+def test_compiled_training_matches_eager(dynamo, monkeypatch, backend, mode, pre_num, p):
+    monkeypatch.setenv("RESLORA_BACKEND", backend)
     eager = ToyStack(3, 16, mode, pre_num, dropout=p, dtype=torch.float32).train()
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model)

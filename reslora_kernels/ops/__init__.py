@@ -7,7 +7,7 @@ Tensor names follow DESIGN.md: ``x [M, K]`` the block input, ``x_prev`` the prev
 activation multiplied by ``lora_B``, ``grad_out [M, N]``.
 """
 
-from ._common import INTERPRETED
+from ._target import A100, H100, INTERPRETED, Target, capture, simulate
 from .dropout import dropout_keep_mask, seed_tensor
 from .fold import fold_lora_
 from .linear_lora_dx import linear_lora_dx
@@ -18,6 +18,11 @@ from .lora_grad_out import lora_grad_out
 
 __all__ = [
     "INTERPRETED",
+    "Target",
+    "H100",
+    "A100",
+    "simulate",
+    "capture",
     "dropout_keep_mask",
     "seed_tensor",
     "lora_down",

@@ -1,18 +1,11 @@
-"""Helpers shared by the launchers: interpreter detection, dot precision, input checks."""
+"""Helpers shared by the launchers: dot precision, rank tiles, alignment, input checks."""
 
 from __future__ import annotations
-
-import functools
-import os
 
 import torch
 import triton
 
 from ..dtypes import KERNEL_DTYPES as SUPPORTED_DTYPES
-
-#: Whether the kernels were built for Triton's CPU interpreter. Triton reads TRITON_INTERPRET
-#: when a kernel is decorated, so this is fixed at import time.
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -28,9 +21,24 @@ def rank_block(rank: int) -> int:
     return min(max(16, triton.next_power_of_2(rank)), 64)
 
 
-def pick(configs: list, interpreted: list) -> list:
-    """The interpreter gets one fixed config: autotuning there would only cost minutes."""
-    return interpreted if INTERPRETED else configs
+def rank_bucket(rank: int) -> int:
+    """The autotuning key of a rank: its power-of-two ceiling, so that a block-shortcut chain whose
+    concatenated rank grows block by block (r, 2r, 3r, ...) tunes once per power of two."""
+    return triton.next_power_of_2(max(rank, 1))
+
+
+def aligned(*tensors: torch.Tensor | None) -> bool:
+    """Whether every tensor starts 16-byte aligned and has leading strides and a contiguous
+    extent that are multiples of 16 elements: what Triton specialises on to vectorise loads and
+    what tensor descriptors (TMA) need. Other shapes take the unaligned config tables."""
+    for t in tensors:
+        if t is None:
+            continue
+        if t.data_ptr() % 16:
+            return False
+        if any(s % 16 for s in t.stride()[:-1]) or t.stride()[-1] != 1 or t.shape[-1] % 16:
+            return False
+    return True
 
 
 def check_2d(name: str, t: torch.Tensor, rows: int, cols: int) -> None:
@@ -51,14 +59,14 @@ def check_same(x: torch.Tensor, **others: torch.Tensor | None) -> None:
             raise TypeError(f"dtype mismatch: {name} is {t.dtype}, expected {x.dtype}")
 
 
+def check_rank_space(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
+    """The float32 rank-space gradient ``g`` beside the ``like`` operand."""
+    if t.dtype != torch.float32 or t.device != like.device:
+        raise TypeError(f"{name} must be float32 on {like.device}, got {t.dtype} on {t.device}")
+
+
 def deterministic() -> bool:
     """Reductions across programs use float32 atomics (L2-resident, no extra DRAM traffic) unless
     ``torch.use_deterministic_algorithms(True)`` asks for run-to-run identical results; then they
     write per-program partials and sum them in a fixed order."""
     return torch.are_deterministic_algorithms_enabled()
-
-
-@functools.lru_cache(maxsize=None)
-def sm_count(device_index: int) -> int:
-    """Streaming multiprocessors of a CUDA device (cached: the query is not free)."""
-    return torch.cuda.get_device_properties(device_index).multi_processor_count

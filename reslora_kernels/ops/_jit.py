@@ -1,4 +1,5 @@
-"""``@triton.jit`` helpers shared by several ops."""
+"""``@triton.jit`` helpers shared by several ops: addressing, tile order, and the LoRA tiles that
+forward and backward must compute identically."""
 
 import triton
 import triton.language as tl
@@ -7,14 +8,22 @@ from .dropout import keep_mask
 
 
 @triton.jit
-def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
-    """``(pid_m, pid_n)`` of program ``pid`` in grouped order: ``GROUP_M`` row tiles share each
-    column tile of the second operand while it is in L2."""
+def tile_ptrs(ptr, offs_r, offs_c, stride_r, stride_c):
+    """Pointers of the ``[len(offs_r), len(offs_c)]`` tile at rows ``offs_r``, columns ``offs_c``.
+    Offsets are int64: ``row * stride`` passes 2^31 elements in tensors of 4 GiB and more, and the
+    compile matrix rejects any 32-bit product with a stride."""
+    return ptr + offs_r.to(tl.int64)[:, None] * stride_r + offs_c.to(tl.int64)[None, :] * stride_c
+
+
+@triton.jit
+def grouped_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    """``(pid_m, pid_n)`` of tile number ``tile`` in grouped order: ``GROUP_M`` row tiles share
+    each column tile of the second operand while it is in L2."""
     tiles_per_group = GROUP_M * num_n
-    first_m = (pid // tiles_per_group) * GROUP_M
+    first_m = (tile // tiles_per_group) * GROUP_M
     group_rows = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % tiles_per_group) % group_rows
-    pid_n = (pid % tiles_per_group) // group_rows
+    pid_m = first_m + (tile % tiles_per_group) % group_rows
+    pid_n = (tile % tiles_per_group) // group_rows
     return pid_m, pid_n
 
 
@@ -22,7 +31,6 @@ def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
 def lora_input_tile(
     x,
     x_prev_ptr,
-    rows,
     offs_m,
     offs_k,
     in_bounds,
@@ -40,11 +48,94 @@ def lora_input_tile(
     here, so they see the same values and the same dropout mask."""
     lora_in = x
     if HAS_PREV:
-        x_prev = tl.load(
-            x_prev_ptr + rows[:, None] * stride_pm + offs_k[None, :] * stride_pk, mask=in_bounds, other=0.0
-        )
+        x_prev = tl.load(tile_ptrs(x_prev_ptr, offs_m, offs_k, stride_pm, stride_pk), mask=in_bounds, other=0.0)
         lora_in += x_prev.to(tl.float32)
     lora_in = lora_in * input_scale
     if DROPOUT:
         lora_in = tl.where(keep_mask(seed, offs_m, offs_k, drop_threshold), lora_in * drop_scale, 0.0)
     return lora_in
+
+
+@triton.jit
+def lora_up_tile(
+    acc,
+    u_ptr,
+    b_ptr,
+    offs_m,
+    offs_n,
+    M,
+    N,
+    R,
+    stride_um,
+    stride_ur,
+    stride_bn,
+    stride_br,
+    scaling,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """``acc + scaling * u B^T`` on the ``[BLOCK_M, BLOCK_N]`` output tile: the rank loop of the
+    forward GEMMs' epilogue. ``scaling`` is folded into the small ``u`` tile, so no second
+    ``[BLOCK_M, BLOCK_N]`` accumulator is needed."""
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        u = tl.load(
+            tile_ptrs(u_ptr, offs_m, offs_r, stride_um, stride_ur),
+            mask=(offs_m[:, None] < M) & (offs_r[None, :] < R),
+            other=0.0,
+        )
+        b_t = tl.load(
+            tile_ptrs(b_ptr, offs_r, offs_n, stride_br, stride_bn),
+            mask=(offs_r[:, None] < R) & (offs_n[None, :] < N),
+            other=0.0,
+        )  # [BLOCK_R, BLOCK_N]
+        u = (u.to(tl.float32) * scaling).to(b_t.dtype)
+        acc = tl.dot(u, b_t, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def lora_grad_tile(
+    g_ptr,
+    a_ptr,
+    offs_m,
+    offs_k,
+    M,
+    K,
+    R,
+    stride_gm,
+    stride_gr,
+    stride_ar,
+    stride_ak,
+    seed,
+    drop_threshold,
+    drop_scale,
+    input_scale,
+    DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """``input_scale * drop'(g A)`` on one ``[BLOCK_M, BLOCK_K]`` tile in float32: the gradient
+    the LoRA input sends back (``drop'`` applies the forward's mask and ``1 / (1 - p)``)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        g = tl.load(
+            tile_ptrs(g_ptr, offs_m, offs_r, stride_gm, stride_gr),
+            mask=(offs_m[:, None] < M) & (offs_r[None, :] < R),
+            other=0.0,
+        )
+        a = tl.load(
+            tile_ptrs(a_ptr, offs_r, offs_k, stride_ar, stride_ak),
+            mask=(offs_r[:, None] < R) & (offs_k[None, :] < K),
+            other=0.0,
+        )  # [BLOCK_R, BLOCK_K]
+        acc = tl.dot(g.to(a.dtype), a, acc, input_precision=DOT_PRECISION)
+    if DROPOUT:
+        # The scales multiply only kept elements: one multiply per element, after the mask.
+        acc = tl.where(keep_mask(seed, offs_m, offs_k, drop_threshold), acc * (input_scale * drop_scale), 0.0)
+    else:
+        acc = acc * input_scale
+    return acc

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ..reference import COLUMN_SALT, MIX_MUL_1, MIX_MUL_2
+from ._target import launch
 
 # The hash constants as uint32 constexprs: a bare Python literal above 2^31 - 1 would be typed
 # differently from one below it, and the products must wrap modulo 2^32 as uint32.
@@ -76,10 +77,13 @@ def seed_tensor(seed: int | torch.Tensor, device: torch.device | str) -> torch.T
         if seed.dim() != 0 or seed.is_floating_point() or seed.is_complex() or seed.dtype == torch.bool:
             got = f"{seed.dtype} {tuple(seed.shape)}"
             raise TypeError(f"dropout_seed must be an int or a 0-d integer tensor, got {got}")
-        return seed.to(device=device, dtype=torch.int64)
+        # non_blocking: a seed drawn on the host must not make the host wait for the device.
+        return seed.to(device=device, dtype=torch.int64, non_blocking=True)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"dropout_seed must be an int or a 0-d integer tensor, got {type(seed).__name__}")
-    return torch.tensor(seed, dtype=torch.int64, device=device)
+    # torch.full writes the value with a fill kernel (the value travels as a launch argument);
+    # torch.tensor(seed, device=...) would copy from pageable host memory and synchronise.
+    return torch.full((), seed, dtype=torch.int64, device=device)
 
 
 def dropout_args(p: float, seed: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, int, float]:
@@ -114,7 +118,9 @@ def dropout_keep_mask(
     out = torch.empty((M, K), dtype=torch.int8, device=device)
     if out.numel():
         block = 32
-        _dropout_mask_kernel[(triton.cdiv(M, block), triton.cdiv(K, block))](
+        launch(
+            _dropout_mask_kernel,
+            (triton.cdiv(M, block), triton.cdiv(K, block)),
             out_ptr=out,
             seed_ptr=seed_tensor(seed, device),
             M=M,

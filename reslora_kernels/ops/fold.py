@@ -12,21 +12,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_2d, check_same, pick, rank_block
+from ._common import aligned, check_2d, check_same, rank_block, rank_bucket
+from ._configs import FOLD, FOLD_UNALIGNED, tile_configs
+from ._jit import tile_ptrs
+from ._target import autotune, launch
+
+KEY = ["N", "K", "R_BUCKET", "BLOCK_R", "DOT_PRECISION"]
 
 
-def _configs():
-    return pick(
-        [
-            triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bn, bk, w, s in [(64, 128, 4, 2), (64, 256, 8, 2), (128, 128, 8, 2), (32, 256, 4, 2)]
-        ],
-        [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32})],
-    )
-
-
-# restore_value: tuning runs the in-place update several times; W must be as it was after each.
-@triton.autotune(configs=_configs(), key=["N", "K", "R"], restore_value=["w_ptr"])
 @triton.jit
 def _fold_kernel(
     w_ptr,
@@ -35,6 +28,7 @@ def _fold_kernel(
     N,
     K,
     R,
+    R_BUCKET,
     stride_wn,
     stride_wk,
     stride_bn,
@@ -52,27 +46,34 @@ def _fold_kernel(
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    rows = offs_n.to(tl.int64)
     row_ok = offs_n < N
     col_ok = offs_k < K
     delta = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         b = tl.load(
-            b_ptr + rows[:, None] * stride_bn + offs_r[None, :] * stride_br,
+            tile_ptrs(b_ptr, offs_n, offs_r, stride_bn, stride_br),
             mask=row_ok[:, None] & (offs_r[None, :] < R),
             other=0.0,
         )
         a = tl.load(
-            a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+            tile_ptrs(a_ptr, offs_r, offs_k, stride_ar, stride_ak),
             mask=(offs_r[:, None] < R) & col_ok[None, :],
             other=0.0,
         )
         delta = tl.dot(b, a, delta, input_precision=DOT_PRECISION)
-    w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    w_ptrs = tile_ptrs(w_ptr, offs_n, offs_k, stride_wn, stride_wk)
     mask = row_ok[:, None] & col_ok[None, :]
     w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
     tl.store(w_ptrs, (w + coef * delta).to(w_ptr.dtype.element_ty), mask=mask)
+
+
+_fold_jit = _fold_kernel
+# restore_value: tuning runs the in-place update several times; W must be as it was after each.
+_fold_kernel = autotune(tile_configs(FOLD, ("BLOCK_N", "BLOCK_K")), KEY, restore_value=["w_ptr"])(_fold_jit)
+_fold_unaligned_kernel = autotune(tile_configs(FOLD_UNALIGNED, ("BLOCK_N", "BLOCK_K")), KEY, restore_value=["w_ptr"])(
+    _fold_jit
+)
 
 
 def fold_lora_(weight: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tensor, coef: float) -> torch.Tensor:
@@ -86,23 +87,23 @@ def fold_lora_(weight: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tensor,
     if weight.numel() == 0 or R == 0:
         return weight
 
-    def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(K, meta["BLOCK_K"]))
-
-    _fold_kernel[grid](
-        weight,
-        lora_B,
-        lora_A,
-        N,
-        K,
-        R,
-        weight.stride(0),
-        weight.stride(1),
-        lora_B.stride(0),
-        lora_B.stride(1),
-        lora_A.stride(0),
-        lora_A.stride(1),
-        float(coef),
+    launch(
+        _fold_kernel if aligned(weight) else _fold_unaligned_kernel,
+        lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(K, meta["BLOCK_K"])),
+        w_ptr=weight,
+        b_ptr=lora_B,
+        a_ptr=lora_A,
+        N=N,
+        K=K,
+        R=R,
+        R_BUCKET=rank_bucket(R),
+        stride_wn=weight.stride(0),
+        stride_wk=weight.stride(1),
+        stride_bn=lora_B.stride(0),
+        stride_br=lora_B.stride(1),
+        stride_ar=lora_A.stride(0),
+        stride_ak=lora_A.stride(1),
+        coef=float(coef),
         # The merge is one-off and memory-bound: full float32 precision costs nothing here.
         DOT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
         BLOCK_R=rank_block(R),

@@ -5,6 +5,10 @@
 accumulator, so one accumulator serves both terms and ``dx`` is written once. For the
 input-shortcut, ``x_prev`` received the same LoRA input, so its gradient is ``v`` itself: the
 kernel also stores it, with no second pass.
+
+As for the forward, Hopper (sm_90) with 16-byte aligned operands runs a persistent kernel that
+loads ``grad_out`` and ``W`` through tensor descriptors (TMA) into wgmma; other targets run the
+one-tile-per-program pointer kernel.
 """
 
 from __future__ import annotations
@@ -12,28 +16,25 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._common import check_2d, check_same, dot_precision, pick, rank_block
-from ._jit import grouped_tile
-from .dropout import dropout_args, keep_mask
+from ._common import (
+    aligned,
+    check_2d,
+    check_rank_space,
+    check_same,
+    dot_precision,
+    rank_block,
+    rank_bucket,
+)
+from ._configs import GEMM, GEMM_TMA, GEMM_UNALIGNED, gemm_configs
+from ._jit import grouped_tile, lora_grad_tile, tile_ptrs
+from ._target import autotune, launch, target_of, uses_tma
+from .dropout import dropout_args
 
-
-def _configs():
-    return pick(
-        [
-            triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, bk, bn, w, s in [
-                (128, 256, 64, 8, 3),
-                (128, 128, 64, 8, 4),
-                (128, 128, 64, 4, 4),
-                (64, 128, 64, 4, 4),
-            ]
-        ],
-        [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32, "BLOCK_N": 32, "GROUP_M": 2})],
-    )
+KEY = ["M_BUCKET", "N", "K", "R_BUCKET", "BLOCK_R", "DROPOUT", "STORE_PREV", "DOT_PRECISION"]
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "R"])
 @triton.jit
 def _linear_lora_dx_kernel(
     grad_out_ptr,
@@ -42,11 +43,13 @@ def _linear_lora_dx_kernel(
     a_ptr,
     dx_ptr,
     dx_prev_ptr,
+    seed_ptr,
     M,
     N,
     K,
     R,
     M_BUCKET,
+    R_BUCKET,
     stride_om,
     stride_on,
     stride_wn,
@@ -59,7 +62,6 @@ def _linear_lora_dx_kernel(
     stride_dk,
     stride_pm,
     stride_pk,
-    seed_ptr,
     drop_threshold,
     drop_scale,
     input_scale,
@@ -73,60 +75,108 @@ def _linear_lora_dx_kernel(
     GROUP_M: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_K] tile of dx: the rank loop of v, then the N loop of grad_out W."""
-    # Grouped tile order: GROUP_M row tiles share each weight tile while it is in L2.
     pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
-
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    rows = offs_m.to(tl.int64)
-    cols = offs_k.to(tl.int64)
-    row_ok = offs_m < M
-    col_ok = offs_k < K
-
     # The seed lives on the device: loading it here keeps the host from ever reading it.
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(seed_ptr)
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        g = tl.load(
-            g_ptr + rows[:, None] * stride_gm + offs_r[None, :] * stride_gr,
-            mask=row_ok[:, None] & (offs_r[None, :] < R),
-            other=0.0,
-        )
-        a = tl.load(
-            a_ptr + offs_r[:, None] * stride_ar + cols[None, :] * stride_ak,
-            mask=(offs_r[:, None] < R) & col_ok[None, :],
-            other=0.0,
-        )  # [BLOCK_R, BLOCK_K]
-        acc = tl.dot(g.to(a.dtype), a, acc, input_precision=DOT_PRECISION)
-    acc = acc * input_scale
-    if DROPOUT:
-        acc = tl.where(keep_mask(seed, offs_m, offs_k, drop_threshold), acc * drop_scale, 0.0)
-    out_mask = row_ok[:, None] & col_ok[None, :]
+    seed = tl.load(seed_ptr) if DROPOUT else 0
+    acc = lora_grad_tile(
+        g_ptr, a_ptr, offs_m, offs_k, M, K, R, stride_gm, stride_gr, stride_ar, stride_ak,
+        seed, drop_threshold, drop_scale, input_scale,
+        DROPOUT=DROPOUT, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
+    )  # fmt: skip
+    out_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     if STORE_PREV:
         tl.store(
-            dx_prev_ptr + rows[:, None] * stride_pm + cols[None, :] * stride_pk,
+            tile_ptrs(dx_prev_ptr, offs_m, offs_k, stride_pm, stride_pk),
             acc.to(dx_prev_ptr.dtype.element_ty),
             mask=out_mask,
         )
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         grad_out = tl.load(
-            grad_out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on,
-            mask=row_ok[:, None] & (offs_n[None, :] < N),
+            tile_ptrs(grad_out_ptr, offs_m, offs_n, stride_om, stride_on),
+            mask=(offs_m[:, None] < M) & (offs_n[None, :] < N),
             other=0.0,
         )
         w = tl.load(
-            w_ptr + offs_n[:, None] * stride_wn + cols[None, :] * stride_wk,
-            mask=(offs_n[:, None] < N) & col_ok[None, :],
+            tile_ptrs(w_ptr, offs_n, offs_k, stride_wn, stride_wk),
+            mask=(offs_n[:, None] < N) & (offs_k[None, :] < K),
             other=0.0,
         )  # [BLOCK_N, BLOCK_K]
         acc = tl.dot(grad_out, w, acc, input_precision=DOT_PRECISION)
-    tl.store(
-        dx_ptr + rows[:, None] * stride_dm + cols[None, :] * stride_dk, acc.to(dx_ptr.dtype.element_ty), mask=out_mask
-    )
+    tl.store(tile_ptrs(dx_ptr, offs_m, offs_k, stride_dm, stride_dk), acc.to(dx_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _linear_lora_dx_tma_kernel(
+    grad_out_desc,
+    w_desc,
+    dx_desc,
+    dx_prev_desc,
+    g_ptr,
+    a_ptr,
+    seed_ptr,
+    M,
+    N,
+    K,
+    R,
+    M_BUCKET,
+    R_BUCKET,
+    stride_gm,
+    stride_gr,
+    stride_ar,
+    stride_ak,
+    drop_threshold,
+    drop_scale,
+    input_scale,
+    DROPOUT: tl.constexpr,
+    STORE_PREV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    NUM_SMS: tl.constexpr,
+):
+    """Persistent: program p computes tiles p, p + NUM_SMS, ... of dx in grouped order."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_k = tl.cdiv(K, BLOCK_K)
+    seed = tl.load(seed_ptr) if DROPOUT else 0
+    for tile in tl.range(tl.program_id(0), num_m * num_k, NUM_SMS, flatten=True):
+        pid_m, pid_k = grouped_tile(tile, num_m, num_k, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_k = pid_k * BLOCK_K
+        acc = lora_grad_tile(
+            g_ptr, a_ptr, off_m + tl.arange(0, BLOCK_M), off_k + tl.arange(0, BLOCK_K), M, K, R,
+            stride_gm, stride_gr, stride_ar, stride_ak, seed, drop_threshold, drop_scale, input_scale,
+            DROPOUT=DROPOUT, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
+        )  # fmt: skip
+        if STORE_PREV:
+            dx_prev_desc.store([off_m, off_k], acc.to(dx_prev_desc.dtype))
+        for n0 in range(0, N, BLOCK_N):
+            grad_out = grad_out_desc.load([off_m, n0])
+            w = w_desc.load([n0, off_k])  # [BLOCK_N, BLOCK_K]
+            acc = tl.dot(grad_out, w, acc, input_precision=DOT_PRECISION)
+        dx_desc.store([off_m, off_k], acc.to(dx_desc.dtype))
+
+
+def _set_tma_blocks(nargs: dict) -> None:
+    """Autotuning pre-hook: the descriptors' block shapes follow the config being run."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["grad_out_desc"].block_shape = [bm, bn]
+    nargs["w_desc"].block_shape = [bn, bk]
+    nargs["dx_desc"].block_shape = [bm, bk]
+    nargs["dx_prev_desc"].block_shape = [bm, bk]
+
+
+_dx_jit = _linear_lora_dx_kernel
+_linear_lora_dx_kernel = autotune(gemm_configs(GEMM, "BLOCK_K", "BLOCK_N"), KEY)(_dx_jit)
+_linear_lora_dx_unaligned_kernel = autotune(gemm_configs(GEMM_UNALIGNED, "BLOCK_K", "BLOCK_N"), KEY)(_dx_jit)
+_linear_lora_dx_tma_kernel = autotune(
+    gemm_configs(GEMM_TMA, "BLOCK_K", "BLOCK_N", pre_hook=_set_tma_blocks), KEY + ["NUM_SMS"]
+)(_linear_lora_dx_tma_kernel)
 
 
 def linear_lora_dx(
@@ -142,7 +192,7 @@ def linear_lora_dx(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(dx, dx_prev)`` for 2-D ``grad_out [M, N]`` and the rank-space gradient ``g [M, R]``
     (float32): ``dx_prev = input_scale * drop'(g @ lora_A)`` (returned when ``store_prev``) and
-    ``dx = grad_out @ weight + dx_prev``."""
+    ``dx = grad_out @ weight + dx_prev``. ``dropout_seed`` is the forward's 0-d int64 seed tensor."""
     M, N = grad_out.shape
     K = weight.shape[1]
     R = lora_A.shape[0]
@@ -150,49 +200,64 @@ def linear_lora_dx(
     check_2d("g", g, M, R)
     check_2d("lora_A", lora_A, R, K)
     check_same(grad_out, weight=weight, lora_A=lora_A)
-    if g.dtype != torch.float32 or g.device != grad_out.device:
-        raise TypeError(f"g must be float32 on {grad_out.device}, got {g.dtype} on {g.device}")
+    check_rank_space("g", g, grad_out)
+    seed_ptr, threshold, scale = dropout_args(dropout_p, dropout_seed, grad_out)
     dx = torch.empty((M, K), device=grad_out.device, dtype=grad_out.dtype)
     dx_prev = torch.empty_like(dx) if store_prev else None
     if M == 0:
         return dx, dx_prev
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
-
-    seed_arg, threshold, scale = dropout_args(dropout_p, dropout_seed, grad_out)
-    prev = dx_prev if dx_prev is not None else dx
-    _linear_lora_dx_kernel[grid](
-        grad_out,
-        weight,
-        g,
-        lora_A,
-        dx,
-        prev,
-        M,
-        N,
-        K,
-        R,
-        triton.next_power_of_2(M),
-        grad_out.stride(0),
-        grad_out.stride(1),
-        weight.stride(0),
-        weight.stride(1),
-        g.stride(0),
-        g.stride(1),
-        lora_A.stride(0),
-        lora_A.stride(1),
-        dx.stride(0),
-        dx.stride(1),
-        prev.stride(0),
-        prev.stride(1),
-        seed_arg,
-        threshold,
-        scale,
-        float(input_scale),
+    target = target_of(grad_out.device)
+    common = dict(
+        g_ptr=g,
+        a_ptr=lora_A,
+        seed_ptr=seed_ptr,
+        M=M,
+        N=N,
+        K=K,
+        R=R,
+        M_BUCKET=triton.next_power_of_2(M),
+        R_BUCKET=rank_bucket(R),
+        stride_gm=g.stride(0),
+        stride_gr=g.stride(1),
+        stride_ar=lora_A.stride(0),
+        stride_ak=lora_A.stride(1),
+        drop_threshold=threshold,
+        drop_scale=scale,
+        input_scale=float(input_scale),
         DROPOUT=dropout_p > 0.0,
         STORE_PREV=store_prev,
         DOT_PRECISION=dot_precision(grad_out.dtype),
         BLOCK_R=rank_block(R),
+    )
+    prev = dx_prev if dx_prev is not None else dx  # never written unless STORE_PREV
+    if uses_tma(target) and aligned(grad_out, weight, dx):
+        launch(
+            _linear_lora_dx_tma_kernel,
+            lambda meta: (min(target.sm_count, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"])),),
+            grad_out_desc=TensorDescriptor.from_tensor(grad_out, [16, 16]),
+            w_desc=TensorDescriptor.from_tensor(weight, [16, 16]),
+            dx_desc=TensorDescriptor.from_tensor(dx, [16, 16]),
+            dx_prev_desc=TensorDescriptor.from_tensor(prev, [16, 16]),
+            NUM_SMS=target.sm_count,
+            **common,
+        )
+        return dx, dx_prev
+    kernel = _linear_lora_dx_kernel if aligned(grad_out, weight, dx) else _linear_lora_dx_unaligned_kernel
+    launch(
+        kernel,
+        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),),
+        grad_out_ptr=grad_out,
+        w_ptr=weight,
+        dx_ptr=dx,
+        dx_prev_ptr=prev,
+        stride_om=grad_out.stride(0),
+        stride_on=grad_out.stride(1),
+        stride_wn=weight.stride(0),
+        stride_wk=weight.stride(1),
+        stride_dm=dx.stride(0),
+        stride_dk=dx.stride(1),
+        stride_pm=prev.stride(0),
+        stride_pk=prev.stride(1),
+        **common,
     )
     return dx, dx_prev

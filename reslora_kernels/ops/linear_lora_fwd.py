@@ -4,6 +4,12 @@ The LoRA-up term rides in the same accumulator: the rank-space tile ``s * u`` ti
 added with ``tl.dot`` after the K loop, so ``y`` is written once and no ``[M, N]`` temporary of the
 LoRA branch exists (PEFT writes one, scales it and adds it: three extra passes over ``[M, N]``).
 ``u`` is ``z`` (none, is), the concatenated-rank ``z`` (bs) or ``z + z_prev`` (ms).
+
+Two kernels compute it. On Hopper (sm_90), with 16-byte aligned operands, a persistent kernel
+loads ``x`` and ``W`` through tensor descriptors (TMA: the copy engine fills shared memory while
+the warpgroups run wgmma) and stores ``y`` the same way; one program per SM walks the tiles in
+grouped order. Elsewhere (sm_80, unaligned shapes, the interpreter) a one-tile-per-program
+kernel with pointer loads runs.
 """
 
 from __future__ import annotations
@@ -11,27 +17,17 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._common import check_2d, check_same, dot_precision, pick, rank_block
-from ._jit import grouped_tile
+from ._common import aligned, check_2d, check_same, dot_precision, rank_block, rank_bucket
+from ._configs import GEMM, GEMM_TMA, GEMM_UNALIGNED, gemm_configs
+from ._jit import grouped_tile, lora_up_tile, tile_ptrs
+from ._target import autotune, launch, target_of, uses_tma
 
-
-def _configs():
-    return pick(
-        [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in [
-                (128, 256, 64, 8, 3),
-                (128, 128, 64, 8, 4),
-                (128, 128, 64, 4, 4),
-                (64, 128, 64, 4, 4),
-            ]
-        ],
-        [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2})],
-    )
+# Everything that changes the build (and so what fits) is in the key; shapes by bucket.
+KEY = ["M_BUCKET", "N", "K", "R_BUCKET", "BLOCK_R", "HAS_BIAS", "DOT_PRECISION"]
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "R"])
 @triton.jit
 def _linear_lora_fwd_kernel(
     x_ptr,
@@ -45,6 +41,7 @@ def _linear_lora_fwd_kernel(
     K,
     R,
     M_BUCKET,
+    R_BUCKET,
     stride_xm,
     stride_xk,
     stride_wn,
@@ -65,47 +62,105 @@ def _linear_lora_fwd_kernel(
     GROUP_M: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] tile of y: the K loop of x W^T, then the rank loop of s u B^T."""
-    # Grouped tile order: GROUP_M row tiles share each weight tile while it is in L2.
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = offs_m.to(tl.int64)
-    cols = offs_n.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(
-            x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            tile_ptrs(x_ptr, offs_m, offs_k, stride_xm, stride_xk),
             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
             other=0.0,
         )
         w_t = tl.load(
-            w_ptr + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-            mask=(offs_n[None, :] < N) & (offs_k[:, None] < K),
+            tile_ptrs(w_ptr, offs_k, offs_n, stride_wk, stride_wn),
+            mask=(offs_k[:, None] < K) & (offs_n[None, :] < N),
             other=0.0,
         )  # [BLOCK_K, BLOCK_N]
         acc = tl.dot(x, w_t, acc, input_precision=DOT_PRECISION)
-    # Epilogue: the LoRA-up term into the same accumulator; scaling folded into the u tile so
-    # no second [BLOCK_M, BLOCK_N] accumulator is needed.
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        u = tl.load(
-            u_ptr + rows[:, None] * stride_um + offs_r[None, :] * stride_ur,
-            mask=(offs_m[:, None] < M) & (offs_r[None, :] < R),
-            other=0.0,
-        )
-        b_t = tl.load(
-            b_ptr + cols[None, :] * stride_bn + offs_r[:, None] * stride_br,
-            mask=(offs_n[None, :] < N) & (offs_r[:, None] < R),
-            other=0.0,
-        )  # [BLOCK_R, BLOCK_N]
-        u = (u.to(tl.float32) * scaling).to(b_t.dtype)
-        acc = tl.dot(u, b_t, acc, input_precision=DOT_PRECISION)
+    acc = lora_up_tile(
+        acc, u_ptr, b_ptr, offs_m, offs_n, M, N, R, stride_um, stride_ur, stride_bn, stride_br, scaling,
+        DOT_PRECISION=DOT_PRECISION, BLOCK_R=BLOCK_R,
+    )  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    tl.store(
+        tile_ptrs(y_ptr, offs_m, offs_n, stride_ym, stride_yn),
+        acc.to(y_ptr.dtype.element_ty),
+        mask=(offs_m[:, None] < M) & (offs_n[None, :] < N),
+    )
+
+
+@triton.jit
+def _linear_lora_fwd_tma_kernel(
+    x_desc,
+    w_desc,
+    y_desc,
+    bias_ptr,
+    u_ptr,
+    b_ptr,
+    M,
+    N,
+    K,
+    R,
+    M_BUCKET,
+    R_BUCKET,
+    stride_um,
+    stride_ur,
+    stride_bn,
+    stride_br,
+    scaling,
+    HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    NUM_SMS: tl.constexpr,
+):
+    """Persistent: program p computes tiles p, p + NUM_SMS, ... of y in grouped order. Tensor
+    descriptors bound every load and store, so edge tiles need no masks (TMA zero-fills reads past
+    the end and drops writes past it)."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # flatten: the compiler pipelines the K loops of consecutive tiles as one loop, so the next
+    # tile's first loads are in flight during this tile's epilogue.
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
+        pid_m, pid_n = grouped_tile(tile, num_m, num_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = x_desc.load([off_m, k0])
+            w = w_desc.load([off_n, k0])  # [BLOCK_N, BLOCK_K], K-major: what wgmma reads as B^T
+            acc = tl.dot(x, w.T, acc, input_precision=DOT_PRECISION)
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        acc = lora_up_tile(
+            acc, u_ptr, b_ptr, offs_m, offs_n, M, N, R, stride_um, stride_ur, stride_bn, stride_br, scaling,
+            DOT_PRECISION=DOT_PRECISION, BLOCK_R=BLOCK_R,
+        )  # fmt: skip
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        y_desc.store([off_m, off_n], acc.to(y_desc.dtype))
+
+
+def _set_tma_blocks(nargs: dict) -> None:
+    """Autotuning pre-hook: the descriptors' block shapes follow the config being run."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["x_desc"].block_shape = [bm, bk]
+    nargs["w_desc"].block_shape = [bn, bk]
+    nargs["y_desc"].block_shape = [bm, bn]
+
+
+_fwd_jit = _linear_lora_fwd_kernel
+_linear_lora_fwd_kernel = autotune(gemm_configs(GEMM, "BLOCK_N", "BLOCK_K"), KEY)(_fwd_jit)
+_linear_lora_fwd_unaligned_kernel = autotune(gemm_configs(GEMM_UNALIGNED, "BLOCK_N", "BLOCK_K"), KEY)(_fwd_jit)
+_linear_lora_fwd_tma_kernel = autotune(
+    gemm_configs(GEMM_TMA, "BLOCK_N", "BLOCK_K", pre_hook=_set_tma_blocks), KEY + ["NUM_SMS"]
+)(_linear_lora_fwd_tma_kernel)
 
 
 def linear_lora_fwd(
@@ -129,35 +184,51 @@ def linear_lora_fwd(
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
         return y
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-    _linear_lora_fwd_kernel[grid](
-        x,
-        weight,
-        bias if bias is not None else x,
-        u,
-        lora_B,
-        y,
-        M,
-        N,
-        K,
-        R,
-        triton.next_power_of_2(M),
-        x.stride(0),
-        x.stride(1),
-        weight.stride(0),
-        weight.stride(1),
-        u.stride(0),
-        u.stride(1),
-        lora_B.stride(0),
-        lora_B.stride(1),
-        y.stride(0),
-        y.stride(1),
-        float(scaling),
+    target = target_of(x.device)
+    common = dict(
+        bias_ptr=bias if bias is not None else x,  # a placeholder pointer when there is no bias
+        u_ptr=u,
+        b_ptr=lora_B,
+        M=M,
+        N=N,
+        K=K,
+        R=R,
+        M_BUCKET=triton.next_power_of_2(M),
+        R_BUCKET=rank_bucket(R),
+        stride_um=u.stride(0),
+        stride_ur=u.stride(1),
+        stride_bn=lora_B.stride(0),
+        stride_br=lora_B.stride(1),
+        scaling=float(scaling),
         HAS_BIAS=bias is not None,
         DOT_PRECISION=dot_precision(x.dtype),
         BLOCK_R=rank_block(R),
+    )
+    if uses_tma(target) and aligned(x, weight, y):
+        # Block shapes are placeholders until the config's pre-hook sets them.
+        launch(
+            _linear_lora_fwd_tma_kernel,
+            lambda meta: (min(target.sm_count, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),),
+            x_desc=TensorDescriptor.from_tensor(x, [16, 16]),
+            w_desc=TensorDescriptor.from_tensor(weight, [16, 16]),
+            y_desc=TensorDescriptor.from_tensor(y, [16, 16]),
+            NUM_SMS=target.sm_count,
+            **common,
+        )
+        return y
+    kernel = _linear_lora_fwd_kernel if aligned(x, weight, y) else _linear_lora_fwd_unaligned_kernel
+    launch(
+        kernel,
+        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
+        x_ptr=x,
+        w_ptr=weight,
+        y_ptr=y,
+        stride_xm=x.stride(0),
+        stride_xk=x.stride(1),
+        stride_wn=weight.stride(0),
+        stride_wk=weight.stride(1),
+        stride_ym=y.stride(0),
+        stride_yn=y.stride(1),
+        **common,
     )
     return y

@@ -3,7 +3,7 @@
 
 ``x + x_prev`` is formed in registers and never materialised; the dropout mask comes from the
 dropout seed. ``s_in = 2`` covers the first block of an input-shortcut chain, whose ``x_prev`` is
-its own input.
+its own input. Memory-bound: one read of ``x`` (and ``x_prev``) per rank tile.
 """
 
 from __future__ import annotations
@@ -12,23 +12,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_2d, check_same, dot_precision, pick, rank_block
-from ._jit import lora_input_tile
+from ._common import aligned, check_2d, check_same, dot_precision, rank_block, rank_bucket
+from ._configs import ROWS, ROWS_UNALIGNED, smallest, tile_configs
+from ._jit import lora_input_tile, tile_ptrs
+from ._target import autotune, launch
 from .dropout import dropout_args
 
-
-def _configs():
-    return pick(
-        [
-            triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bk, w, s in [(64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (64, 256, 8, 3)]
-        ],
-        [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32})],
-    )
+# Every flag that changes the build is in the key: an is-chain's block 0 (no x_prev) must not
+# hand its tuned config to block 1 (x_prev, twice the shared memory).
+KEY = ["M_BUCKET", "K", "R_BUCKET", "BLOCK_R", "HAS_PREV", "DROPOUT", "SQNORM", "DOT_PRECISION"]
 
 
-# reset_to_zero: configs differ in BLOCK_M, so a tuning run must not leave partial sums behind.
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "K", "R"], reset_to_zero=["sqnorm_ptr"])
 @triton.jit
 def _lora_down_kernel(
     x_ptr,
@@ -36,10 +30,12 @@ def _lora_down_kernel(
     a_ptr,
     z_ptr,
     sqnorm_ptr,
+    seed_ptr,
     M,
     K,
     R,
     M_BUCKET,
+    R_BUCKET,
     stride_xm,
     stride_xk,
     stride_pm,
@@ -48,7 +44,6 @@ def _lora_down_kernel(
     stride_ak,
     stride_zm,
     stride_zr,
-    seed_ptr,
     drop_threshold,
     drop_scale,
     input_scale,
@@ -65,47 +60,44 @@ def _lora_down_kernel(
     pid_r = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    rows = offs_m.to(tl.int64)  # row * stride can pass 2^31 elements
-    # The seed lives on the device: loading it here keeps the host from ever reading it.
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(seed_ptr)
+    seed = tl.load(seed_ptr) if DROPOUT else 0
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    sq = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    # A [BLOCK_M] running sum: a [BLOCK_M, BLOCK_K] accumulator would hold a whole float32 tile in
+    # registers across the K loop (and spill).
+    sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         in_bounds = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=in_bounds, other=0.0)
+        x = tl.load(tile_ptrs(x_ptr, offs_m, offs_k, stride_xm, stride_xk), mask=in_bounds, other=0.0)
         x = x.to(tl.float32)
         if SQNORM:
-            sq += x * x
+            sq += tl.sum(x * x, axis=1)
         lora_in = lora_input_tile(
-            x,
-            x_prev_ptr,
-            rows,
-            offs_m,
-            offs_k,
-            in_bounds,
-            stride_pm,
-            stride_pk,
-            seed,
-            drop_threshold,
-            drop_scale,
-            input_scale,
-            HAS_PREV=HAS_PREV,
-            DROPOUT=DROPOUT,
-        )
+            x, x_prev_ptr, offs_m, offs_k, in_bounds, stride_pm, stride_pk, seed, drop_threshold, drop_scale,
+            input_scale, HAS_PREV=HAS_PREV, DROPOUT=DROPOUT,
+        )  # fmt: skip
         a_t = tl.load(
-            a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
-            mask=(offs_r[None, :] < R) & (offs_k[:, None] < K),
+            tile_ptrs(a_ptr, offs_k, offs_r, stride_ak, stride_ar),
+            mask=(offs_k[:, None] < K) & (offs_r[None, :] < R),
             other=0.0,
         )  # [BLOCK_K, BLOCK_R]
         acc = tl.dot(lora_in.to(a_t.dtype), a_t, acc, input_precision=DOT_PRECISION)
-    z_ptrs = z_ptr + rows[:, None] * stride_zm + offs_r[None, :] * stride_zr
-    tl.store(z_ptrs, acc.to(z_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+    tl.store(
+        tile_ptrs(z_ptr, offs_m, offs_r, stride_zm, stride_zr),
+        acc.to(z_ptr.dtype.element_ty),
+        mask=(offs_m[:, None] < M) & (offs_r[None, :] < R),
+    )
     if SQNORM:
         if pid_r == 0:
-            tl.store(sqnorm_ptr + pid_m, tl.sum(tl.sum(sq, axis=1), axis=0))
+            tl.store(sqnorm_ptr + pid_m, tl.sum(sq, axis=0))
+
+
+_CONFIGS = tile_configs(ROWS, ("BLOCK_M", "BLOCK_K"))
+_UNALIGNED_CONFIGS = tile_configs(ROWS_UNALIGNED, ("BLOCK_M", "BLOCK_K"))
+_down_jit = _lora_down_kernel
+# reset_to_zero: configs differ in BLOCK_M, so a tuning run must not leave partial sums behind.
+_lora_down_kernel = autotune(_CONFIGS, KEY, reset_to_zero=["sqnorm_ptr"])(_down_jit)
+_lora_down_unaligned_kernel = autotune(_UNALIGNED_CONFIGS, KEY, reset_to_zero=["sqnorm_ptr"])(_down_jit)
 
 
 def lora_down(
@@ -119,51 +111,56 @@ def lora_down(
     compute_x_sqnorm: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``z = drop(input_scale * (x [+ x_prev])) @ lora_A^T`` for 2-D ``x [M, K]``; returns
-    ``(z [M, R] in x's dtype, ||x||_F^2 as a float32 scalar or None)``."""
+    ``(z [M, R] in x's dtype, ||x||_F^2 as a float32 scalar or None)``. ``dropout_seed`` is a
+    0-d int64 tensor on x's device."""
     M, K = x.shape
     R = lora_A.shape[0]
     check_2d("lora_A", lora_A, R, K)
     if x_prev is not None:
         check_2d("x_prev", x_prev, M, K)
     check_same(x, lora_A=lora_A, x_prev=x_prev)
+    seed_ptr, threshold, scale = dropout_args(dropout_p, dropout_seed, x)
     z = torch.empty((M, R), device=x.device, dtype=x.dtype)
     if M == 0:
         return z, (torch.zeros((), device=x.device, dtype=torch.float32) if compute_x_sqnorm else None)
     block_r = rank_block(R)
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r))
-
-    # One partial per M tile; the smallest BLOCK_M of the configs bounds how many there can be.
-    partials = torch.zeros(triton.cdiv(M, 32), device=x.device, dtype=torch.float32) if compute_x_sqnorm else None
-    seed_arg, threshold, scale = dropout_args(dropout_p, dropout_seed, x)
+    is_aligned = aligned(x, x_prev)
+    kernel = _lora_down_kernel if is_aligned else _lora_down_unaligned_kernel
+    # One partial per M tile: as many as the smallest BLOCK_M the tuner may pick produces.
+    block_m_min = smallest(_CONFIGS if is_aligned else _UNALIGNED_CONFIGS, "BLOCK_M")
+    partials = (
+        torch.zeros(triton.cdiv(M, block_m_min), device=x.device, dtype=torch.float32) if compute_x_sqnorm else None
+    )
     prev = x_prev if x_prev is not None else x
-    _lora_down_kernel[grid](
-        x,
-        prev,
-        lora_A,
-        z,
-        partials if partials is not None else z,
-        M,
-        K,
-        R,
-        triton.next_power_of_2(M),
-        x.stride(0),
-        x.stride(1),
-        prev.stride(0),
-        prev.stride(1),
-        lora_A.stride(0),
-        lora_A.stride(1),
-        z.stride(0),
-        z.stride(1),
-        seed_arg,
-        threshold,
-        scale,
-        float(input_scale),
+    launch(
+        kernel,
+        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r)),
+        x_ptr=x,
+        x_prev_ptr=prev,
+        a_ptr=lora_A,
+        z_ptr=z,
+        sqnorm_ptr=partials if partials is not None else z,  # z: a placeholder, never written
+        seed_ptr=seed_ptr,
+        M=M,
+        K=K,
+        R=R,
+        M_BUCKET=triton.next_power_of_2(M),
+        R_BUCKET=rank_bucket(R),
+        stride_xm=x.stride(0),
+        stride_xk=x.stride(1),
+        stride_pm=prev.stride(0),
+        stride_pk=prev.stride(1),
+        stride_ar=lora_A.stride(0),
+        stride_ak=lora_A.stride(1),
+        stride_zm=z.stride(0),
+        stride_zr=z.stride(1),
+        drop_threshold=threshold,
+        drop_scale=scale,
+        input_scale=float(input_scale),
         HAS_PREV=x_prev is not None,
         DROPOUT=dropout_p > 0.0,
         SQNORM=compute_x_sqnorm,
         DOT_PRECISION=dot_precision(x.dtype),
         BLOCK_R=block_r,
     )
-    return z, (partials.sum() if partials is not None else None)
+    return z, (partials.sum() if compute_x_sqnorm else None)

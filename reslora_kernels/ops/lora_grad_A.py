@@ -9,40 +9,35 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    INTERPRETED,
+    aligned,
     check_2d,
+    check_rank_space,
     check_same,
     deterministic,
     dot_precision,
-    pick,
     rank_block,
-    sm_count,
+    rank_bucket,
 )
-from ._jit import lora_input_tile
+from ._configs import ROWS, ROWS_UNALIGNED, smallest, tile_configs
+from ._jit import lora_input_tile, tile_ptrs
+from ._target import autotune, launch, target_of
 from .dropout import dropout_args
 
-
-def _configs():
-    return pick(
-        [
-            triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bk, w, s in [(64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (64, 256, 8, 3)]
-        ],
-        [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32})],
-    )
+KEY = ["M_BUCKET", "K", "R_BUCKET", "BLOCK_R", "SPLIT_M", "HAS_PREV", "DROPOUT", "DETERMINISTIC", "DOT_PRECISION"]
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "K", "R", "SPLIT_M"], reset_to_zero=["da_ptr"])
 @triton.jit
 def _lora_grad_a_kernel(
     g_ptr,
     x_ptr,
     x_prev_ptr,
     da_ptr,
+    seed_ptr,
     M,
     K,
     R,
     M_BUCKET,
+    R_BUCKET,
     SPLIT_M,
     ROWS_PER_SPLIT,
     stride_gm,
@@ -51,7 +46,6 @@ def _lora_grad_a_kernel(
     stride_xk,
     stride_pm,
     stride_pk,
-    seed_ptr,
     drop_threshold,
     drop_scale,
     input_scale,
@@ -64,7 +58,10 @@ def _lora_grad_a_kernel(
     BLOCK_R: tl.constexpr,
 ):
     """One [BLOCK_R, BLOCK_K] tile of dA over the rows of split pid_s; added atomically into
-    da_ptr [R, K] (or written to slice pid_s of da_ptr [SPLIT_M, R, K] when DETERMINISTIC)."""
+    da_ptr [R, K] (or written to slice pid_s of da_ptr [SPLIT_M, R, K] when DETERMINISTIC).
+
+    The dot has BLOCK_R (16..64) rows, below wgmma's 64: on Hopper it runs as mma.sync. The kernel
+    streams x once and is memory-bound, so tensor-core width is not what limits it."""
     pid_k = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -72,37 +69,21 @@ def _lora_grad_a_kernel(
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     col_ok = offs_k < K
     rank_ok = offs_r < R
-    # The seed lives on the device: loading it here keeps the host from ever reading it.
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(seed_ptr)
+    seed = tl.load(seed_ptr) if DROPOUT else 0
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     row_start = pid_s * ROWS_PER_SPLIT
     row_end = min(row_start + ROWS_PER_SPLIT, M)
     for m0 in range(row_start, row_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        rows = offs_m.to(tl.int64)
         row_ok = offs_m < row_end
         in_bounds = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=in_bounds, other=0.0)
+        x = tl.load(tile_ptrs(x_ptr, offs_m, offs_k, stride_xm, stride_xk), mask=in_bounds, other=0.0)
         lora_in = lora_input_tile(
-            x.to(tl.float32),
-            x_prev_ptr,
-            rows,
-            offs_m,
-            offs_k,
-            in_bounds,
-            stride_pm,
-            stride_pk,
-            seed,
-            drop_threshold,
-            drop_scale,
-            input_scale,
-            HAS_PREV=HAS_PREV,
-            DROPOUT=DROPOUT,
-        )
+            x.to(tl.float32), x_prev_ptr, offs_m, offs_k, in_bounds, stride_pm, stride_pk, seed, drop_threshold,
+            drop_scale, input_scale, HAS_PREV=HAS_PREV, DROPOUT=DROPOUT,
+        )  # fmt: skip
         g_t = tl.load(
-            g_ptr + offs_r[:, None] * stride_gr + rows[None, :] * stride_gm,
+            tile_ptrs(g_ptr, offs_r, offs_m, stride_gr, stride_gm),
             mask=rank_ok[:, None] & row_ok[None, :],
             other=0.0,
         )  # [BLOCK_R, BLOCK_M]
@@ -118,6 +99,13 @@ def _lora_grad_a_kernel(
         tl.atomic_add(da_ptrs, acc, mask=da_mask)
 
 
+_CONFIGS = tile_configs(ROWS, ("BLOCK_M", "BLOCK_K"))
+_UNALIGNED_CONFIGS = tile_configs(ROWS_UNALIGNED, ("BLOCK_M", "BLOCK_K"))
+_grad_a_jit = _lora_grad_a_kernel
+_lora_grad_a_kernel = autotune(_CONFIGS, KEY, reset_to_zero=["da_ptr"])(_grad_a_jit)
+_lora_grad_a_unaligned_kernel = autotune(_UNALIGNED_CONFIGS, KEY, reset_to_zero=["da_ptr"])(_grad_a_jit)
+
+
 def lora_grad_A(
     g: torch.Tensor,
     x: torch.Tensor,
@@ -128,57 +116,54 @@ def lora_grad_A(
     dropout_seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``dA = g^T @ drop(input_scale * (x [+ x_prev]))`` for ``g [M, R]`` (float32) and 2-D
-    ``x [M, K]``, in x's dtype."""
+    ``x [M, K]``, in x's dtype. ``dropout_seed`` is the forward's 0-d int64 seed tensor."""
     M, K = x.shape
     R = g.shape[1]
     check_2d("g", g, M, R)
     if x_prev is not None:
         check_2d("x_prev", x_prev, M, K)
     check_same(x, x_prev=x_prev)
-    if g.dtype != torch.float32 or g.device != x.device:
-        raise TypeError(f"g must be float32 on {x.device}, got {g.dtype} on {g.device}")
+    check_rank_space("g", g, x)
+    seed_ptr, threshold, scale = dropout_args(dropout_p, dropout_seed, x)
     if M == 0:
         return torch.zeros((R, K), device=x.device, dtype=x.dtype)
     block_r = rank_block(R)
-    block_k_min = 32 if INTERPRETED else 64
-    # Split the rows so that the grid fills the GPU even when K / BLOCK_K is small.
-    programs = triton.cdiv(K, block_k_min) * triton.cdiv(R, block_r)
-    target = (
-        2
-        if INTERPRETED
-        else 4 * sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
-    )
-    split = max(1, min(triton.cdiv(target, programs), triton.cdiv(M, 128)))
+    is_aligned = aligned(x, x_prev)
+    configs = _CONFIGS if is_aligned else _UNALIGNED_CONFIGS
+    # Split the rows so that the grid fills the GPU (4 programs per SM) even when K / BLOCK_K is
+    # small; each split keeps at least one full tile of the largest BLOCK_M.
+    programs = triton.cdiv(K, smallest(configs, "BLOCK_K")) * triton.cdiv(R, block_r)
+    block_m_max = max(c.kwargs["BLOCK_M"] for c in configs)
+    wanted = 4 * target_of(x.device).sm_count
+    split = max(1, min(triton.cdiv(wanted, programs), triton.cdiv(M, block_m_max)))
     rows_per_split = triton.cdiv(M, split)
     det = deterministic()
     da = torch.zeros((split, R, K) if det else (R, K), device=x.device, dtype=torch.float32)
-    seed_arg, threshold, scale = dropout_args(dropout_p, dropout_seed, x)
     prev = x_prev if x_prev is not None else x
-
-    def grid(meta):
-        return (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(R, block_r), split)
-
-    _lora_grad_a_kernel[grid](
-        g,
-        x,
-        prev,
-        da,
-        M,
-        K,
-        R,
-        triton.next_power_of_2(M),
-        split,
-        rows_per_split,
-        g.stride(0),
-        g.stride(1),
-        x.stride(0),
-        x.stride(1),
-        prev.stride(0),
-        prev.stride(1),
-        seed_arg,
-        threshold,
-        scale,
-        float(input_scale),
+    launch(
+        _lora_grad_a_kernel if is_aligned else _lora_grad_a_unaligned_kernel,
+        lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(R, block_r), split),
+        g_ptr=g,
+        x_ptr=x,
+        x_prev_ptr=prev,
+        da_ptr=da,
+        seed_ptr=seed_ptr,
+        M=M,
+        K=K,
+        R=R,
+        M_BUCKET=triton.next_power_of_2(M),
+        R_BUCKET=rank_bucket(R),
+        SPLIT_M=split,
+        ROWS_PER_SPLIT=rows_per_split,
+        stride_gm=g.stride(0),
+        stride_gr=g.stride(1),
+        stride_xm=x.stride(0),
+        stride_xk=x.stride(1),
+        stride_pm=prev.stride(0),
+        stride_pk=prev.stride(1),
+        drop_threshold=threshold,
+        drop_scale=scale,
+        input_scale=float(input_scale),
         HAS_PREV=x_prev is not None,
         DROPOUT=dropout_p > 0.0,
         DETERMINISTIC=det,

@@ -8,20 +8,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, check_2d, check_same, deterministic, dot_precision, pick, rank_block
+from ._common import aligned, check_2d, check_same, deterministic, dot_precision, rank_block, rank_bucket
+from ._configs import GRAD_OUT, GRAD_OUT_BLOCK_M, GRAD_OUT_UNALIGNED, tile_configs
+from ._jit import tile_ptrs
+from ._target import autotune, launch
+
+KEY = ["M_BUCKET", "N", "R_BUCKET", "BLOCK_R", "DETERMINISTIC", "DOT_PRECISION"]
 
 
-def _configs():
-    return pick(
-        [
-            triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bn, w, s in [(64, 4, 4), (128, 4, 3), (128, 8, 3), (256, 8, 3)]
-        ],
-        [triton.Config({"BLOCK_N": 32})],
-    )
-
-
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "R"], reset_to_zero=["db_ptr"])
 @triton.jit
 def _lora_grad_out_kernel(
     grad_out_ptr,
@@ -33,6 +27,7 @@ def _lora_grad_out_kernel(
     N,
     R,
     M_BUCKET,
+    R_BUCKET,
     stride_om,
     stride_on,
     stride_bn,
@@ -55,11 +50,10 @@ def _lora_grad_out_kernel(
     pid_r = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    rows = offs_m.to(tl.int64)
     row_ok = offs_m < M
     rank_ok = offs_r < R
     u = tl.load(
-        u_ptr + rows[:, None] * stride_um + offs_r[None, :] * stride_ur,
+        tile_ptrs(u_ptr, offs_m, offs_r, stride_um, stride_ur),
         mask=row_ok[:, None] & rank_ok[None, :],
         other=0.0,
     )
@@ -70,12 +64,12 @@ def _lora_grad_out_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N
         grad_out = tl.load(
-            grad_out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on,
+            tile_ptrs(grad_out_ptr, offs_m, offs_n, stride_om, stride_on),
             mask=row_ok[:, None] & col_ok[None, :],
             other=0.0,
         )
         b = tl.load(
-            b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+            tile_ptrs(b_ptr, offs_n, offs_r, stride_bn, stride_br),
             mask=col_ok[:, None] & rank_ok[None, :],
             other=0.0,
         )  # [BLOCK_N, BLOCK_R]
@@ -88,10 +82,17 @@ def _lora_grad_out_kernel(
         else:
             tl.atomic_add(db_ptrs, db, mask=db_mask)
     tl.store(
-        g_ptr + rows[:, None] * stride_gm + offs_r[None, :] * stride_gr,
+        tile_ptrs(g_ptr, offs_m, offs_r, stride_gm, stride_gr),
         g * scaling,
         mask=row_ok[:, None] & rank_ok[None, :],
     )
+
+
+_grad_out_jit = _lora_grad_out_kernel
+_lora_grad_out_kernel = autotune(tile_configs(GRAD_OUT, ("BLOCK_N",)), KEY, reset_to_zero=["db_ptr"])(_grad_out_jit)
+_lora_grad_out_unaligned_kernel = autotune(
+    tile_configs(GRAD_OUT_UNALIGNED, ("BLOCK_N",)), KEY, reset_to_zero=["db_ptr"]
+)(_grad_out_jit)
 
 
 def lora_grad_out(
@@ -109,37 +110,35 @@ def lora_grad_out(
     if M == 0:
         return g, torch.zeros_like(lora_B)
     # BLOCK_M is the launcher's choice, not the tuner's: the deterministic partials depend on it.
-    block_m = 32 if INTERPRETED else 64
-    num_m = triton.cdiv(M, block_m)
+    num_m = triton.cdiv(M, GRAD_OUT_BLOCK_M)
     block_r = rank_block(R)
     det = deterministic()
     db = torch.zeros((num_m, N, R) if det else (N, R), device=grad_out.device, dtype=torch.float32)
-
-    def grid(meta):
-        return (num_m, triton.cdiv(R, block_r))
-
-    _lora_grad_out_kernel[grid](
-        grad_out,
-        lora_B,
-        u,
-        g,
-        db,
-        M,
-        N,
-        R,
-        triton.next_power_of_2(M),
-        grad_out.stride(0),
-        grad_out.stride(1),
-        lora_B.stride(0),
-        lora_B.stride(1),
-        u.stride(0),
-        u.stride(1),
-        g.stride(0),
-        g.stride(1),
-        float(scaling),
+    launch(
+        _lora_grad_out_kernel if aligned(grad_out) else _lora_grad_out_unaligned_kernel,
+        (num_m, triton.cdiv(R, block_r)),
+        grad_out_ptr=grad_out,
+        b_ptr=lora_B,
+        u_ptr=u,
+        g_ptr=g,
+        db_ptr=db,
+        M=M,
+        N=N,
+        R=R,
+        M_BUCKET=triton.next_power_of_2(M),
+        R_BUCKET=rank_bucket(R),
+        stride_om=grad_out.stride(0),
+        stride_on=grad_out.stride(1),
+        stride_bn=lora_B.stride(0),
+        stride_br=lora_B.stride(1),
+        stride_um=u.stride(0),
+        stride_ur=u.stride(1),
+        stride_gm=g.stride(0),
+        stride_gr=g.stride(1),
+        scaling=float(scaling),
         DETERMINISTIC=det,
         DOT_PRECISION=dot_precision(grad_out.dtype),
-        BLOCK_M=block_m,
+        BLOCK_M=GRAD_OUT_BLOCK_M,
         BLOCK_R=block_r,
     )
     if det:
