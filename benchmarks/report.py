@@ -17,7 +17,7 @@ from pathlib import Path
 README_START = "<!-- benchmark-results:start -->"
 README_END = "<!-- benchmark-results:end -->"
 
-# metric -> (comparison, target): DESIGN.md section 7 and the targets of issues 6 (GPU) and 12.
+# metric -> (comparison, target): docs/design.md section 12 and the targets of issues 6 (GPU) and 12.
 TARGETS = {
     "fused / frozen, fwd+bwd": ("<=", 1.05),
     "PEFT (fp32 adapter) / fused, fwd+bwd": (">=", 1.25),

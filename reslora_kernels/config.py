@@ -9,7 +9,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, Union
 
-#: Residual-shortcut modes, named as in the paper (DESIGN.md section 2).
+#: Residual-shortcut modes, named as in the paper (docs/design.md section 2).
 #: ``none`` is plain LoRA, ``is`` input-shortcut, ``bs`` block-shortcut, ``ms`` middle-shortcut.
 MODES = ("none", "is", "bs", "ms")
 
@@ -79,7 +79,7 @@ class ResLoRAConfig:
 
     Args:
         mode: ``"none"`` (plain LoRA), ``"is"`` (input-shortcut), ``"bs"`` (block-shortcut) or
-            ``"ms"`` (middle-shortcut); see DESIGN.md section 2 or the README for the formulas.
+            ``"ms"`` (middle-shortcut); see docs/design.md section 2 or the README for the formulas.
         rank: LoRA rank ``r``.
         alpha: LoRA alpha; the LoRA branch is scaled by ``alpha / rank``.
         dropout: dropout probability on the LoRA input (identity in eval mode).

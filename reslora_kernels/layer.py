@@ -30,7 +30,7 @@ class FusedResLoRALinear(nn.Linear):
 
     ``y = x W^T + b + s * (drop(x [+ x_prev]) A^T [+ z_prev]) B^T`` with ``s = alpha / rank``;
     the shortcut terms come from the block's predecessors in its :class:`ResLoRAChain` (see
-    DESIGN.md section 2). A block that is not linked behaves as the first block of a chain.
+    docs/design.md section 2). A block that is not linked behaves as the first block of a chain.
 
     Args:
         in_features, out_features, bias, device, dtype: as for ``nn.Linear``.

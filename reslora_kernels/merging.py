@@ -1,4 +1,4 @@
-"""Turning a trained chain into plain linear weights (DESIGN.md section 3).
+"""Turning a trained chain into plain linear weights (docs/design.md section 8).
 
 Every method reduces a block to one term ``W_n + coef * B' A'``:
 
@@ -355,7 +355,7 @@ def merge_and_unload(
 
     Args:
         method: ``auto`` (``exact`` for none/bs, ``input_norm`` for is/ms), ``exact``,
-            ``input_norm``, ``weight_norm`` or ``lstsq`` (DESIGN.md section 3).
+            ``input_norm``, ``weight_norm`` or ``lstsq`` (docs/design.md section 8).
         calibration: for ``lstsq`` only, an iterable of model inputs (a tensor is run as
             ``model(t)``, a dict as ``model(**d)``); see below.
         ridge: for ``lstsq``, the ridge ``lambda`` relative to the mean eigenvalue of each

@@ -1,7 +1,7 @@
 """Pure-PyTorch ResLoRA ops: the oracle every fused kernel is tested against, and the CPU path.
 
 Each function here has the same signature as its fast counterpart (``reslora_kernels.ops`` and
-``reslora_kernels.fused``) and reads as the formula of DESIGN.md section 2. Gradients come
+``reslora_kernels.fused``) and reads as the formula of docs/design.md section 2. Gradients come
 from PyTorch's autograd.
 """
 

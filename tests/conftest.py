@@ -53,7 +53,7 @@ def assert_maxabs_close(out, ref64, torch_same_dtype, what=""):
 
 
 def assert_lowp_close(out, ref64, torch_same_dtype, what=""):
-    """DESIGN.md section 6: float32 within 1e-5 of the float64 reference; float16/bfloat16
+    """docs/design.md section 11: float32 within 1e-5 of the float64 reference; float16/bfloat16
     within 2e-2 and at most 2x PyTorch's own error at that dtype (plus a small atol). Beside the
     normwise error, the max-abs rule (:func:`assert_maxabs_close`) whenever PyTorch's result in the
     same dtype is given."""

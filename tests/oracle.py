@@ -1,4 +1,4 @@
-"""An independent float64 oracle of DESIGN.md section 2, written from the table, not the package.
+"""An independent float64 oracle of docs/design.md section 2, written from the table, not the package.
 
 Nothing here imports reslora_kernels: the tests compare the package against these loops.
 """
@@ -63,7 +63,7 @@ def oracle_grads(params, x0, scaling, mode, pre_num, masks, p, probes, dtype):
 
 
 def merged_weight(n, params, scaling, mode, pre_num, a=None):
-    """Merged weight of block n (DESIGN.md section 3): exact for none/bs, W + s(1+a_n) B A otherwise."""
+    """Merged weight of block n (docs/design.md section 8): exact for none/bs, W + s(1+a_n) B A otherwise."""
     W, _, A, B = params[n]
     if mode == "none":
         return W + scaling * B @ A

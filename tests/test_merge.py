@@ -1,4 +1,4 @@
-"""merge_and_unload: exact methods reproduce the model, the paper's methods give DESIGN.md's weights."""
+"""merge_and_unload: exact methods reproduce the model, the paper's methods give the weights of docs/design.md section 8."""
 
 import copy
 

@@ -13,7 +13,7 @@ CPU_BACKENDS = ["torch"]
 
 
 def assert_autocast_close(out, ref64, ref_lowp, what):
-    """DESIGN.md section 6 for a low-precision computation whose result is stored in float32 (the
+    """docs/design.md section 11 for a low-precision computation whose result is stored in float32 (the
     adapter gradients): within 2e-2 of float64 and at most 2x PyTorch's own error + atol."""
     err, torch_err = rel_err(out, ref64), rel_err(ref_lowp, ref64)
     assert err < 2e-2, f"{what}: rel err {err:.3g}"

@@ -2,7 +2,7 @@
 its inputs, flattens to 2-D, allocates and picks the grid. Nothing model-level lives here; the
 autograd Function composing these ops is ``reslora_kernels.fused``.
 
-Tensor names follow DESIGN.md: ``x [M, K]`` the block input, ``x_prev`` the previous block's input
+Tensor names follow docs/design.md: ``x [M, K]`` the block input, ``x_prev`` the previous block's input
 (input-shortcut), ``weight [N, K]``, ``lora_A [R, K]``, ``lora_B [N, R]``, ``u [M, R]`` the rank-space
 activation multiplied by ``lora_B``, ``grad_out [M, N]``.
 """
