@@ -4,14 +4,14 @@ import pytest
 import torch
 from toy import ToyStack
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["reference", "composed", "fused"]
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2])
 @pytest.mark.parametrize("mode", ["none", "is", "bs", "ms"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch_every_mode(monkeypatch, backend, mode, p):
-    if backend == "triton":
+    if backend == "fused":
         pytest.importorskip("triton")
     monkeypatch.setenv("RESLORA_BACKEND", backend)
     model = ToyStack(3, 8, mode, pre_num=-1, dropout=p, dtype=torch.float32).train()

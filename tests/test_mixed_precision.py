@@ -9,7 +9,7 @@ from toy import ToyStack, oracle_params
 
 from reslora_kernels import FusedResLoRALinear, ResLoRAConfig, apply_reslora, functional
 
-CPU_BACKENDS = ["torch"]
+CPU_BACKENDS = ["reference", "composed"]
 
 
 def assert_autocast_close(out, ref64, ref_lowp, what):
