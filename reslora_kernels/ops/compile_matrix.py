@@ -540,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
             "results-*.json --markdown docs/compile_matrix.md"
         )
         args.markdown.write_text(to_markdown(runs, command))
+    if args.render_only:
+        return 0
     problems = [p for launch in launches for p in launch.problems()]
     builds = sum(len(launch.builds) for launch in launches)
     print(f"Triton {triton.__version__}: {len(launches)} launches, {builds} builds in {elapsed:.0f}s")
