@@ -4,7 +4,7 @@ oracle, every mode x pre_num x dropout; what is saved for backward; that the ker
 import pytest
 import torch
 from conftest import KERNEL_DEVICE, KERNEL_DTYPES, assert_lowp_close
-from oracle import toy_stack
+from oracle import oracle_grads, toy_stack
 from toy import SeedRecorder, ToyStack, oracle_params
 
 pytest.importorskip("triton")
@@ -17,18 +17,6 @@ pytestmark = pytest.mark.usefixtures("poison_empty")
 @pytest.fixture
 def triton_backend(monkeypatch):
     monkeypatch.setenv("RESLORA_BACKEND", "triton")
-
-
-def oracle_grads(params, x0, scaling, mode, pre_num, masks, p, probes, dtype):
-    """Outputs and gradients of the oracle evaluated in ``dtype``."""
-    cast = [
-        tuple(None if t is None else t.detach().to(dtype).requires_grad_(i >= 2) for i, t in enumerate(ps))
-        for ps in params
-    ]
-    x = x0.detach().to(dtype).requires_grad_()
-    ys = toy_stack(x, cast, scaling, mode, pre_num, masks, p)
-    sum((y * w.to(dtype)).sum() for y, w in zip(ys, probes)).backward()
-    return ys, [(A.grad, B.grad) for _, _, A, B in cast], x.grad
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2])

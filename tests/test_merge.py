@@ -1,4 +1,5 @@
-"""merge_and_unload: exact methods reproduce the model, the paper's methods give the weights of docs/design.md section 8."""
+"""merge_and_unload: exact methods reproduce the model, the paper's methods give the weights of docs/design.md
+section 8."""
 
 import copy
 

@@ -4,7 +4,7 @@ the autocast dtype), while the adapters and their gradients keep their own dtype
 import pytest
 import torch
 from conftest import rel_err
-from oracle import toy_stack
+from oracle import oracle_grads
 from toy import ToyStack, oracle_params
 
 from reslora_kernels import FusedResLoRALinear, ResLoRAConfig, apply_reslora, functional
@@ -18,17 +18,6 @@ def assert_autocast_close(out, ref64, ref_lowp, what):
     err, torch_err = rel_err(out, ref64), rel_err(ref_lowp, ref64)
     assert err < 2e-2, f"{what}: rel err {err:.3g}"
     assert err <= 2 * torch_err + 1e-4, f"{what}: rel err {err:.3g} vs PyTorch's own {torch_err:.3g}"
-
-
-def oracle_in(dtype, params, x0, scaling, mode, pre_num, probes):
-    cast = [
-        tuple(None if t is None else t.detach().to(dtype).requires_grad_(i >= 2) for i, t in enumerate(ps))
-        for ps in params
-    ]
-    x = x0.detach().to(dtype).requires_grad_()
-    ys = toy_stack(x, cast, scaling, mode, pre_num)
-    sum((y * w.to(dtype)).sum() for y, w in zip(ys, probes)).backward()
-    return ys, [(A.grad, B.grad) for _, _, A, B in cast], x.grad
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -46,8 +35,8 @@ def test_cpu_bf16_autocast_matches_the_oracle(monkeypatch, backend, mode, pre_nu
     sum((y.float() * w).sum() for y, w in zip(ys, probes)).backward()
 
     scaling = model.blocks[0].scaling
-    ys64, grads64, gx64 = oracle_in(torch.float64, params, x0, scaling, mode, pre_num, probes)
-    ys16, grads16, gx16 = oracle_in(torch.bfloat16, params, x0, scaling, mode, pre_num, probes)
+    ys64, grads64, gx64 = oracle_grads(params, x0, scaling, mode, pre_num, None, 0.0, probes, torch.float64)
+    ys16, grads16, gx16 = oracle_grads(params, x0, scaling, mode, pre_num, None, 0.0, probes, torch.bfloat16)
     for n, block in enumerate(model.blocks):
         assert_autocast_close(ys[n], ys64[n], ys16[n], f"y_{n}")
         # Master weights stay float32 and so do their gradients.
