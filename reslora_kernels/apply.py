@@ -19,9 +19,10 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from .chain import ResLoRAChain, link_chain, untrack_passes
+from .chain import ResLoRAChain, link_chain
 from .config import ALL_LINEAR, DEFAULT_TARGET_MODULES, ResLoRAConfig
 from .layer import FusedResLoRAConv1D, FusedResLoRALinear, is_conv1d
+from .passes import untrack_passes
 
 __all__ = [
     "apply_reslora",

@@ -26,8 +26,8 @@ import torch.nn as nn
 
 from . import functional
 from .apply import ModelTransaction, refuse_sharded, reslora_blocks, set_module, skipped_norms, unwrap_model
-from .chain import track_passes, untrack_passes
 from .layer import FusedResLoRALinear
+from .passes import track_passes, untrack_passes
 
 if TYPE_CHECKING:
     from .chain import ResLoRAChain

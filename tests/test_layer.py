@@ -155,7 +155,7 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="floating-point"):
         layer(torch.ones(3, 8, dtype=torch.int64))
     # A rejected input leaves the chain's stash untouched.
-    assert getattr(layer.chain._local, "current", None) is None
+    assert layer.chain._eager.current is None
 
 
 def test_norm_statistics_ring_buffer():
