@@ -3,21 +3,23 @@
 from .apply import ResLoRASummary, apply_reslora, chain_key, reslora_blocks, reslora_summary
 from .backend import backend_choices, backend_report
 from .chain import ResLoRAChain, link_chain
-from .config import ALL_LINEAR, DEFAULT_TARGET_MODULES, MODES, ResLoRAConfig
+from .config import ALL_LINEAR, DEFAULT_TARGET_MODULES, MODES, BlockSettings, ResLoRAConfig
 from .functional import fold_lora_, fold_report, reslora_linear, resolve_backend
 from .io import export_peft_adapter, load_reslora, save_reslora
-from .layer import FusedResLoRAConv1D, FusedResLoRALinear
+from .layer import FusedResLoRALinear
 from .merging import MERGE_METHODS, MergeReport, merge_and_unload, merge_report
 from .passes import ChainOrderError
+from .statistics import NormStatistics
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MODES",
     "MERGE_METHODS",
+    "BlockSettings",
     "ResLoRAConfig",
     "FusedResLoRALinear",
-    "FusedResLoRAConv1D",
+    "NormStatistics",
     "ALL_LINEAR",
     "DEFAULT_TARGET_MODULES",
     "ResLoRAChain",

@@ -19,10 +19,12 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from .base_layers import base_features, is_conv1d, is_linear
 from .chain import ResLoRAChain, link_chain
 from .config import ALL_LINEAR, DEFAULT_TARGET_MODULES, ResLoRAConfig
-from .layer import FusedResLoRAConv1D, FusedResLoRALinear, is_conv1d
+from .layer import FusedResLoRALinear
 from .passes import untrack_passes
+from .statistics import skipped_norms
 
 __all__ = [
     "apply_reslora",
@@ -33,12 +35,10 @@ __all__ = [
     "ModelTransaction",
     "reslora_blocks",
     "resolve_targets",
-    "is_linear",
     "unwrap_model",
     "clean_name",
     "reslora_summary",
     "ResLoRASummary",
-    "skipped_norms",
 ]
 
 
@@ -56,19 +56,6 @@ def chain_key(module_name: str) -> str:
     forms no chain, with a warning; if no chain of two or more blocks forms at all, a warning says
     so. ``ResLoRAConfig.chain_key`` replaces the rule (a regex or a function)."""
     return ".".join("*" if part.isdigit() else part for part in module_name.split("."))
-
-
-def is_linear(module: nn.Module) -> bool:
-    """Whether ``module`` is a linear layer ResLoRA can adapt: an ``nn.Linear`` or a transformers
-    ``Conv1D`` (the weight stored ``[in, out]``, as in GPT-2)."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
-def base_features(module: nn.Module) -> tuple[int, int]:
-    """``(in, out)`` of a linear layer."""
-    if is_conv1d(module):
-        return tuple(module.weight.shape)
-    return module.in_features, module.out_features
 
 
 def _linear_patterns(model: nn.Module) -> list[str]:
@@ -226,9 +213,10 @@ def _compiled() -> tuple[type, ...]:
 
 
 def base_layer_problem(name: str, module: nn.Module) -> str | None:
-    """Why ``module`` cannot become a ResLoRA block (``None``: it can). ResLoRA replaces the module
-    by one computing ``x W^T + b`` plus the LoRA branch, so anything the module does beyond that
-    would be lost silently: such modules are refused."""
+    """Why ``module`` cannot become a ResLoRA block (``None``: it can). The block computes
+    ``x W^T + b`` plus the LoRA branch from the module's weight and bias without running its
+    forward, so anything the module does beyond that would be lost silently: such modules are
+    refused."""
     if isinstance(module, FusedResLoRALinear):
         return f"{name} is already a ResLoRA layer"
     conv = is_conv1d(module)
@@ -305,12 +293,11 @@ def _check_model(model: nn.Module, config: ResLoRAConfig) -> None:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if any(isinstance(mod, FusedResLoRALinear) for mod in model.modules()):
         raise ValueError("the model already has ResLoRA layers; merge_and_unload it first or load into it")
-    if isinstance(model, nn.Linear):
+    if isinstance(model, nn.Linear) or is_conv1d(model):
         raise TypeError(
-            "apply_reslora replaces submodules; wrap a single nn.Linear with FusedResLoRALinear.from_linear"
+            f"apply_reslora replaces submodules; wrap a single {type(model).__name__} with "
+            "FusedResLoRALinear.from_linear"
         )
-    if is_conv1d(model):
-        raise TypeError("apply_reslora replaces submodules; wrap a single Conv1D with FusedResLoRAConv1D.from_conv1d")
 
 
 def plan_reslora(
@@ -512,22 +499,14 @@ def _form_chains(
     return chains, notes
 
 
-def wrap_base_layer(module: nn.Module, **settings) -> FusedResLoRALinear:
-    """The ResLoRA block for a linear layer: :class:`FusedResLoRAConv1D` for a Conv1D, else
-    :class:`FusedResLoRALinear`; its Parameters are reused."""
-    if is_conv1d(module):
-        return FusedResLoRAConv1D.from_conv1d(module, **settings)
-    return FusedResLoRALinear.from_linear(module, **settings)
-
-
 def execute_plan(model: nn.Module, plan: ApplyPlan, tx: ModelTransaction) -> dict[str, FusedResLoRALinear]:
     """Carry out ``plan`` on ``model`` through ``tx``; returns the new blocks by (clean) first name."""
-    config = plan.config
     tx.freeze_all()  # first: building a block freezes its base weight
     with warnings.catch_warnings():
         # The config gave its setting warnings (alpha = 0) once already: not once per layer.
         warnings.simplefilter("ignore", UserWarning)
-        layers = {clean_name(names[0]): wrap_base_layer(mod, **config.layer_kwargs()) for names, mod in plan.targets}
+        settings = plan.config.block_settings()
+        layers = {clean_name(names[0]): FusedResLoRALinear.from_linear(mod, settings) for names, mod in plan.targets}
     for names, _ in plan.targets:
         for name in names:
             tx.set_module(name, layers[clean_name(names[0])])
@@ -541,7 +520,7 @@ def execute_plan(model: nn.Module, plan: ApplyPlan, tx: ModelTransaction) -> dic
     for name, layer in layers.items():
         if name not in linked:  # a chain of its own, named, so that its errors can say which block
             ResLoRAChain([layer], block_names=[name])
-    tx.setattr(model, "reslora_config", config)
+    tx.setattr(model, "reslora_config", plan.config)
     return layers
 
 
@@ -549,13 +528,14 @@ def apply_reslora(model: nn.Module, config: ResLoRAConfig) -> nn.Module:
     """Put ResLoRA into ``model`` in place and return it.
 
     Every linear layer chosen by ``config.target_modules`` (a list of names, a regex,
-    ``"all-linear"``, or ``None`` for the defaults of ``model.config.model_type``) becomes a
-    :class:`FusedResLoRALinear` (:class:`FusedResLoRAConv1D` for a transformers ``Conv1D``) reusing
-    its weight and bias; every other parameter is frozen. For modes is/bs/ms the blocks are linked
-    into chains by ``config.chain_key`` (default: the rule of :func:`chain_key`: one chain per target
-    position, in model order, split with a warning where the shape changes; MoE experts unchained,
-    with a warning; a warning if no chain forms at all). Works on any ``nn.Module``, HuggingFace
-    models included. :func:`reslora_summary` reports what was replaced and how it was chained.
+    ``"all-linear"``, or ``None`` for the defaults of ``model.config.model_type``) becomes the
+    ``base_layer`` of a :class:`FusedResLoRALinear` that takes its place (an ``nn.Linear`` or a
+    transformers ``Conv1D``, its Parameters frozen, not copied); every other parameter is frozen.
+    For modes is/bs/ms the blocks are linked into chains by ``config.chain_key`` (default: the rule
+    of :func:`chain_key`: one chain per target position, in model order, split with a warning where
+    the shape changes; MoE experts unchained, with a warning; a warning if no chain forms at all).
+    Works on any ``nn.Module``, HuggingFace models included. :func:`reslora_summary` reports what
+    was replaced and how it was chained.
 
     A ``torch.compile``-wrapped model is looked through (the compiled wrapper is returned);
     DDP/FSDP wrappers must be built after ResLoRA is applied and are refused.
@@ -571,17 +551,6 @@ def apply_reslora(model: nn.Module, config: ResLoRAConfig) -> nn.Module:
     for note in plan.warnings:
         warnings.warn(note, UserWarning, stacklevel=2)
     return model
-
-
-def skipped_norms(blocks: list[tuple[str, FusedResLoRALinear]]) -> dict[str, int]:
-    """Block name -> how many of its training forwards had an Inf/NaN norm, which the merge
-    statistics left out; only blocks with at least one. Reads the device."""
-    counts = {}
-    for name, block in blocks:
-        count = block._buffers.get("norm_nonfinite")
-        if count is not None and int(count) > 0:
-            counts[name] = int(count)
-    return counts
 
 
 @dataclass

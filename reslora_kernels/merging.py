@@ -25,9 +25,10 @@ import torch
 import torch.nn as nn
 
 from . import functional
-from .apply import ModelTransaction, refuse_sharded, reslora_blocks, set_module, skipped_norms, unwrap_model
+from .apply import ModelTransaction, refuse_sharded, reslora_blocks, set_module, unwrap_model
 from .layer import FusedResLoRALinear
 from .passes import track_passes, untrack_passes
+from .statistics import skipped_norms
 
 if TYPE_CHECKING:
     from .chain import ResLoRAChain
@@ -90,13 +91,13 @@ def _ratio(numerator: float, denominator: float) -> float:
 def input_norm_coefficients(chain: "ResLoRAChain") -> list[float]:
     """``a_n`` of the input-norm merge: is ``mu_{n-1} / mu_n`` (``a_0 = 1``); ms
     ``sum_{k=1..min(m,n)} nu_{n-k} / nu_n`` (``a_0 = 0``)."""
-    stats = [block.recorded_norm_mean() for block in chain]
+    stats = [block.statistics.mean_norm() for block in chain]
     for name, stat in zip(chain.block_names, stats):
         if not math.isfinite(stat):
             raise ValueError(
                 f"the norm statistics of {name} (chain {chain.name!r}) hold Inf/NaN, which no training forward "
                 "records: they were set by hand or loaded from a damaged file. Reset them "
-                "(block.norm_sq_window.zero_(); block.norm_count.zero_()) or use another merge method"
+                "(block.statistics.reset()) or use another merge method"
             )
     skipped = skipped_norms(list(zip(chain.block_names, chain)))
     if skipped:
@@ -105,7 +106,7 @@ def input_norm_coefficients(chain: "ResLoRAChain") -> list[float]:
             f"statistics ({', '.join(f'{name}: {n}' for name, n in skipped.items())})",
             stacklevel=3,
         )
-    empty = [name for name, block in zip(chain.block_names, chain) if int(block.norm_count) == 0]
+    empty = [name for name, block in zip(chain.block_names, chain) if int(block.statistics.norm_count) == 0]
     if empty:
         warnings.warn(
             f"input_norm merge of chain {chain.name!r}: no training forward recorded norm statistics for "
@@ -290,20 +291,21 @@ def _check_untied(model: nn.Module, blocks: list[tuple[str, FusedResLoRALinear]]
     holders: dict[int, list[str]] = defaultdict(list)
     for name, param in model.named_parameters(remove_duplicate=False):
         holders[id(param)].append(name)
+    # The names a block's base weight has through the block itself (under each name of the block).
     own: dict[int, set[str]] = defaultdict(set)
     for name, mod in model.named_modules(remove_duplicate=False):
         if isinstance(mod, FusedResLoRALinear):
-            own[id(mod._parameters["weight"])].add(f"{name}.weight" if name else "weight")
+            own[id(mod.base_layer.weight)].add(f"{name}.base_layer.weight" if name else "base_layer.weight")
     owner: dict[int, str] = {}
     for name, layer in blocks:
-        weight = layer._parameters["weight"]
+        weight = layer.base_layer.weight
         others = [n for n in holders[id(weight)] if n not in own[id(weight)]]
         if id(weight) in owner:
-            others.append(f"{owner[id(weight)]}.weight")
+            others.append(f"{owner[id(weight)]}.base_layer.weight")
         owner[id(weight)] = name
         if others:
             raise ValueError(
-                f"{name}.weight is tied to {', '.join(others)}: merging would change those too. "
+                f"{name}.base_layer.weight is tied to {', '.join(others)}: merging would change those too. "
                 "Untie the weights (clone the parameter) before merging"
             )
 
@@ -312,7 +314,7 @@ def _check_untied(model: nn.Module, blocks: list[tuple[str, FusedResLoRALinear]]
 def folded_weight(block: FusedResLoRALinear, term: MergeTerm) -> torch.Tensor:
     """A new tensor holding ``block``'s base weight Parameter with ``term`` folded in (the product
     accumulated in float32 on the fastest fold for the device); the block is not changed."""
-    weight = block._parameters["weight"].detach().clone()
+    weight = block.base_layer.weight.detach().clone()
     if block.fan_in_fan_out:
         # The Parameter is stored [in, out] (Conv1D): fold the transposed update, W^T += c A^T B^T.
         lora_B, lora_A = term.lora_A.t().contiguous(), term.lora_B.t().contiguous()
@@ -328,23 +330,6 @@ def _nonfinite_cause(block: FusedResLoRALinear, term: MergeTerm) -> str:
     if not math.isfinite(term.coef):
         return f"its merge coefficient is {term.coef} (from non-finite norm statistics)"
     return f"the folded weight overflows {block.weight.dtype}"
-
-
-def _original_module(layer: FusedResLoRALinear) -> nn.Module:
-    """The module a block goes back to: the one it was made from (its own Parameters put back),
-    else a new ``nn.Linear`` (``Conv1D`` for :class:`FusedResLoRAConv1D`) around the block's Parameters."""
-    original = layer.__dict__.get("_original_module")
-    if original is None and layer.fan_in_fan_out:
-        from transformers.pytorch_utils import Conv1D
-
-        with torch.device("meta"):
-            original = Conv1D(layer.out_features, layer.in_features)
-    elif original is None:
-        original = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-    original.weight = layer._parameters["weight"]
-    if layer.bias is not None or "bias" in original._parameters:
-        original.bias = layer.bias
-    return original
 
 
 @torch.no_grad()
@@ -375,10 +360,11 @@ def merge_and_unload(
     accumulated in float32, on the fastest fold for the device: :func:`reslora_kernels.fold_report`),
     so the merged weights of all blocks are held at once beside the unmerged ones (peak memory: one
     extra copy of every adapted weight); only then are they swapped in and the modules replaced. Any
-    error leaves the model as it was. Each block goes back to the module it was made from (the same
-    object, its weight Parameter now holding the merged values, frozen), or to a new ``nn.Linear``
-    for a block built directly. Returns the model (that module if ``model`` itself was a single
-    :class:`FusedResLoRALinear`); nothing of ResLoRA is left in it. A model wrapped in DDP or
+    error leaves the model as it was. Each block goes back to its base layer (for a block made by
+    ``from_linear`` or ``apply_reslora`` the module it was made from, the same object of the same
+    type, its weight Parameter now holding the merged values, frozen). Returns the model (that base
+    layer if ``model`` itself was a single :class:`FusedResLoRALinear`); nothing of ResLoRA is left
+    in it. A model wrapped in DDP or
     torch.compile is merged inside its wrapper and the bare model is returned (an FSDP-sharded one
     is refused: merge an unsharded copy).
     """
@@ -399,10 +385,10 @@ def merge_and_unload(
                 "Nothing was changed; pass safe_merge=False to merge anyway"
             )
         merged.append((block, weight))
-    replacements = {id(layer): _original_module(layer) for _, layer in blocks}
+    replacements = {id(layer): layer.base_layer for _, layer in blocks}
     with ModelTransaction(model) as tx:
         for block, weight in merged:
-            tx.set_data(block._parameters["weight"], weight)
+            tx.set_data(block.base_layer.weight, weight)
         root = replacements.get(id(model))
         if root is None:
             for name, mod in list(model.named_modules(remove_duplicate=False)):

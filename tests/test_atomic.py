@@ -327,7 +327,7 @@ def test_non_finite_adapter_refuses_to_merge_naming_the_block():
 def test_non_finite_statistics_refuse_to_merge_naming_the_block():
     model = trained("is")
     with torch.no_grad():
-        model.layers[1]["proj"].norm_sq_window[0] = float("inf")  # a statistic gone bad by hand
+        model.layers[1]["proj"].statistics.norm_sq_window[0] = float("inf")  # a statistic gone bad by hand
     before = snapshot(model)
     with pytest.raises(
         ValueError, match=r"the norm statistics of layers.1.proj \(chain 'layers.\*.proj'\) hold Inf/NaN"
@@ -378,8 +378,8 @@ def test_merge_gives_back_the_original_modules():
 
 def test_blocks_sharing_a_weight_refuse_to_merge():
     model = trained("none")
-    model.layers[1]["proj"].weight = model.layers[0]["proj"].weight
-    with pytest.raises(ValueError, match=r"layers.1.proj.weight is tied to layers.0.proj.weight"):
+    model.layers[1]["proj"].base_layer.weight = model.layers[0]["proj"].base_layer.weight
+    with pytest.raises(ValueError, match=r"layers.1.proj.base_layer.weight is tied to layers.0.proj.base_layer.weight"):
         merge_and_unload(model)
 
 
