@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, Union
 
-__all__ = ["MODES", "BlockSettings", "ResLoRAConfig", "ALL_LINEAR", "DEFAULT_TARGET_MODULES"]
+__all__ = ["MODES", "BlockSettings", "ResLoRAConfig"]
 
 #: Residual-shortcut modes, named as in the paper (docs/design.md section 2).
 #: ``none`` is plain LoRA, ``is`` input-shortcut, ``bs`` block-shortcut, ``ms`` middle-shortcut.
@@ -128,21 +128,6 @@ class BlockSettings:
         return dataclasses.replace(base, **overrides) if overrides else base
 
 
-#: ``target_modules`` shorthand for every linear layer (``nn.Linear`` and transformers' ``Conv1D``)
-#: but the model's output head, as PEFT means it (peft/tuners/tuners_utils.py,
-#: ``_maybe_include_all_linear_layers``).
-ALL_LINEAR = "all-linear"
-
-#: Targets used when ``target_modules`` is omitted, by ``model.config.model_type``: the attention
-#: query and value projections, the choice of PEFT's ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``
-#: (peft/utils/constants.py, checked against peft 0.21) for the same families.
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    **dict.fromkeys(("llama", "mistral", "qwen2", "gemma", "gemma2", "bart"), ["q_proj", "v_proj"]),
-    "gpt2": ["c_attn"],
-    **dict.fromkeys(("bert", "roberta"), ["query", "value"]),
-    "t5": ["q", "v"],
-}
-
 #: A chain-key rule: a regular expression (every match in a module name is replaced by ``*``) or a
 #: function from a module name to its chain key (``None``: the module forms no chain), or to
 #: ``(key, order)`` to set the order of the blocks in their chain.
@@ -161,7 +146,7 @@ class ResLoRAConfig(BlockSettings):
             ``"." + entry`` (``"q_proj"`` matches ``model.layers.3.self_attn.q_proj``); a single
             string is a regular expression that must match the full module name; ``"all-linear"``
             is every linear layer but the output head (PEFT's meaning); ``None`` takes the
-            defaults for ``model.config.model_type`` (:data:`DEFAULT_TARGET_MODULES`).
+            defaults for ``model.config.model_type`` (:data:`reslora_kernels.DEFAULT_TARGET_MODULES`).
         chain_key: which blocks form a chain (is/bs/ms). ``None``: the default rule of
             :func:`reslora_kernels.chain_key` (every layer index becomes ``*``; MoE experts form
             no chain; blocks in model order). A string is a regular expression: every match in a

@@ -13,21 +13,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .apply import (
-    ModelTransaction,
-    check_wrapping,
-    execute_plan,
-    plan_reslora,
-    refuse_sharded,
-    reslora_blocks,
-    sharded_by,
-    unwrap_model,
-    whole_parameters,
-)
+from .apply import check_wrapping, execute_plan, plan_reslora
 from .base_layers import base_features
 from .config import ResLoRAConfig
 from .layer import FusedResLoRALinear
-from .merging import chains_of, merge_terms
+from .merge_methods import chains_of, merge_terms
+from .model_utils import refuse_sharded, reslora_blocks, sharded_by, unwrap_model, whole_parameters
+from .transaction import ModelTransaction
 
 __all__ = ["save_reslora", "load_reslora", "export_peft_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
 
