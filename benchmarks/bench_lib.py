@@ -9,11 +9,10 @@ one each round), so a change in machine load shifts every variant alike instead 
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
+import re
 import statistics
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,16 +20,18 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+from bench_env import ROOT, environment  # noqa: F401  (environment: part of this module's API)
 
 import reslora_kernels
 from reslora_kernels import FusedResLoRALinear, functional, reference
 
-ROOT = Path(__file__).resolve().parents[1]
 IS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if IS_CUDA else "cpu"
 MODES = ("none", "is", "bs", "ms")
 #: The LoRA dropout of the "with dropout" variants (PEFT's and ours).
 DROPOUT = 0.1
+#: Short dtype names for test ids and ``-k`` selection (``-k bf16``).
+DTYPE_IDS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
 
 try:
     import peft
@@ -124,6 +125,21 @@ class Interleaved:
         return out
 
 
+class PlainBenchmark:
+    """What the suites use of pytest-benchmark's ``benchmark`` fixture, for runs without the plugin:
+    ``pedantic`` runs the rounds; the per-variant times are the runner's either way."""
+
+    def __init__(self) -> None:
+        self.group = None
+        self.extra_info: dict = {}
+
+    def pedantic(self, target, rounds: int = 1, warmup_rounds: int = 0, iterations: int = 1, **_):
+        for _ in range(warmup_rounds):
+            target()
+        for _ in range(rounds * iterations):
+            target()
+
+
 def run_rounds(benchmark, runner: Interleaved, rounds: int) -> None:
     """``rounds`` recorded rounds, through pytest-benchmark when it is there (it then reports the
     time of whole rounds; the per-variant times are the runner's)."""
@@ -197,35 +213,6 @@ def peak_bytes(fn: Callable[[], object]) -> int | None:
 
 
 # ---------------------------------------------------------------------------- results
-def environment() -> dict:
-    """Where and with what the numbers were measured."""
-    versions = {"torch": torch.__version__, "reslora_kernels": reslora_kernels.__version__}
-    for name in ("triton", "peft", "transformers"):
-        try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
-            versions[name] = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    dirty = ""
-    if commit:
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-        dirty = "+dirty" if status.strip() else ""
-    return {
-        "device": torch.cuda.get_device_name() if IS_CUDA else "cpu",
-        "cuda": torch.version.cuda if IS_CUDA else None,
-        "cpu_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "versions": versions,
-        # The device machine gets a copy of the tree without .git: the caller passes the commit.
-        "commit": (commit + dirty) or os.environ.get("RESLORA_GIT_COMMIT", "unknown"),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "backend_fold": reslora_kernels.fold_report(),
-    }
-
-
 class Results:
     """Rows of one benchmark session; written as JSON at the end of the session."""
 
@@ -236,15 +223,20 @@ class Results:
     def add(self, suite: str, group: str, variant: str, **fields) -> None:
         self.rows.append({"suite": suite, "group": group, "variant": variant, **fields})
 
-    def write(self, out_dir: Path) -> Path:
-        """One new file per run, never an existing one: ``<device>-<UTC time>[-n].json``."""
+    def document(self) -> dict:
+        """The results file's content: ``environment``, ``rows`` and the target ``ratios``."""
         from report import compute_ratios
 
         env = environment()
         # Load averages (1, 5, 15 min) at the start and end: how busy the machine was.
         env["load_average"] = {"start": list(self.load_start), "end": list(os.getloadavg())}
         env["backend_report"] = reslora_kernels.backend_report()
-        data = {"environment": env, "rows": self.rows, "ratios": compute_ratios(self.rows, env["device"])}
+        return {"environment": env, "rows": self.rows, "ratios": compute_ratios(self.rows, env["device"])}
+
+    def write(self, out_dir: Path) -> Path:
+        """One new file per run, never an existing one: ``<device>-<UTC time>[-n].json``."""
+        data = self.document()
+        env = data["environment"]
         out_dir.mkdir(parents=True, exist_ok=True)
         slug = env["device"].replace(" ", "_").replace("/", "_")
         stamp = env["date"][:19].replace(":", "")
@@ -291,8 +283,49 @@ def layer_variants(device: str = DEVICE) -> list[tuple[str, str, float]]:
     return out
 
 
+def parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
+    """``RESLORA_BENCH_LAYER_SHAPES``: ``"8192x4096x4096r16,64x32x48r4"`` (M x K x N r rank) ->
+    ``[(8192, 4096, 4096, 16), (64, 32, 48, 4)]``."""
+    shapes = []
+    for item in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)x(\d+)x(\d+)r(\d+)\s*", item)
+        if match is None:
+            raise ValueError(f"RESLORA_BENCH_LAYER_SHAPES: {item!r} is not MxKxNrR (e.g. 8192x4096x4096r16)")
+        shapes.append(tuple(int(g) for g in match.groups()))
+    return shapes
+
+
+def selected_variants(variants: list, names: str | None) -> list:
+    """The ``(variant, mode, dropout)`` entries whose variant is named in the comma-separated
+    ``names`` (``RESLORA_BENCH_VARIANTS``); all of them when ``names`` is empty."""
+    if not names:
+        return list(variants)
+    wanted = {n.strip() for n in names.split(",") if n.strip()}
+    known = {v for device in ("cuda", "cpu") for v, _, _ in layer_variants(device)}
+    if wanted - known:
+        raise ValueError(f"RESLORA_BENCH_VARIANTS: unknown variant(s) {sorted(wanted - known)}; known: {sorted(known)}")
+    return [v for v in variants if v[0] in wanted]
+
+
 def case_name(variant: str, mode: str, dropout: float) -> str:
     return f"{variant}/{mode}" + (f"/p={dropout:g}" if dropout else "")
+
+
+#: Graphs the compiled variant may keep at once: the GPU layer suite needs 4 shapes x 4 modes x
+#: 2 phases (grad and no_grad guard differently) = 32.
+COMPILED_GRAPHS = 64
+
+
+def compiled_reference(backend="inductor"):
+    """``reference.reslora_linear`` under ``torch.compile(dynamic=False)``. Every compiled case
+    compiles that one function, and dynamo keeps one graph cache per code object: past
+    ``recompile_limit`` (8 by default, one shape's worth) it would run every further case
+    eagerly, with only a warning. The limit is raised to hold every case's graph, and hitting it
+    is made an error, so a "compiled" time is always a compiled one."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, COMPILED_GRAPHS)
+    config.fail_on_recompile_limit_hit = True
+    return torch.compile(reference.reslora_linear, dynamic=False, backend=backend)
 
 
 @dataclass
@@ -321,13 +354,15 @@ def layer_case(
     backward: bool,
     dropout: float = 0.0,
     device: str = DEVICE,
+    compile_backend="inductor",
 ) -> LayerCase:
     """One layer's forward (+ backward) as a :class:`LayerCase`; ``backward=False`` runs under
     no_grad. ResLoRA blocks run as block 1 of a chain: mode ``none`` through the layer module,
     the others through ``functional.reslora_linear`` with the shortcut inputs block 0 would hand
     over (``x_prev``, ``z_prev``, block 0's adapter concatenated for bs), which is exactly one
     block's compute. The inputs and weights are drawn in the same order for every ResLoRA
-    variant, so under one seed they hold the same values."""
+    variant, so under one seed they hold the same values. ``compile_backend`` is the
+    ``torch.compile`` backend of the ``compiled`` variant."""
     factory = {"device": device, "dtype": dtype}
     x = torch.randn(M, K, **factory, requires_grad=backward)
     grad_out = torch.randn(M, N, **factory)
@@ -415,7 +450,7 @@ def layer_case(
     if variant == "compiled":
         if dropout:
             raise ValueError("the compiled variant runs without dropout")
-        compiled = torch.compile(reference.reslora_linear, dynamic=False)
+        compiled = compiled_reference(compile_backend)
 
         def forward():
             lora_A, lora_B = adapter()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from bench_lib import DEVICE, IS_CUDA, Results
+from bench_lib import DEVICE, IS_CUDA, PlainBenchmark, Results
 
 # RESLORA_BENCH_THREADS pins torch's CPU thread count (default: torch's own choice). On a shared
 # machine one thread per process is far less disturbed by other processes than an OpenMP team
@@ -43,6 +43,19 @@ def _isolate():
 @pytest.fixture(scope="session")
 def results():
     return RESULTS
+
+
+class _PlainBenchmarkPlugin:
+    @pytest.fixture
+    def benchmark(self):
+        return PlainBenchmark()
+
+
+def pytest_configure(config):
+    # Without pytest-benchmark (not installed, or -p no:benchmark) the suites still run and write
+    # their results file: every number in it is the interleaved runner's, not the plugin's.
+    if not config.pluginmanager.hasplugin("benchmark"):
+        config.pluginmanager.register(_PlainBenchmarkPlugin(), "reslora-plain-benchmark")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -5,7 +5,8 @@ each mode, on every backend that runs fast here; every variant's steps interleav
 GPU: ~1.1B parameters (hidden 2048, 22 layers, the TinyLlama shape), seq 2048, batch
 RESLORA_BENCH_E2E_BATCH (default 8), bf16, adapters on q,k,v,o,gate,up,down at r = 16, AdamW on the
 adapters. CPU: a small model of the same architecture (hidden 256, 4 layers, 512 tokens per step),
-large enough that the projections' GEMMs dominate the step.
+large enough that the projections' GEMMs dominate the step. ``RESLORA_BENCH_VARIANTS`` keeps only
+the named variants (``frozen,peft_fp32,composed,fused,auto``).
 """
 
 import copy
@@ -24,6 +25,7 @@ from bench_lib import (
     peft,
     run_rounds,
     saved_bytes,
+    selected_variants,
 )
 
 from reslora_kernels import ResLoRAConfig, apply_reslora
@@ -58,10 +60,11 @@ GROUP = (
     f"llama h={SIZES['hidden_size']} L={SIZES['num_hidden_layers']} seq={SEQ} batch={BATCH} "
     f"r=16 {str(DTYPE).replace('torch.', '')}"
 )
-VARIANTS = (
+VARIANTS = selected_variants(
     [("frozen", "-", 0.0), ("peft_fp32", "none", 0.0), ("peft_fp32", "none", DROPOUT)]
     + [(impl, mode, 0.0) for impl in IMPLS for mode in MODES]
-    + [(OURS, mode, DROPOUT) for mode in MODES]
+    + [(OURS, mode, DROPOUT) for mode in MODES],
+    os.environ.get("RESLORA_BENCH_VARIANTS"),
 )
 
 

@@ -5,6 +5,12 @@ GPU: M = 8192 tokens, LLaMA-7B projections 4096->4096, 4096->11008, 11008->4096 
 4096->4096 at r = 64, bf16. CPU: float32, the MLP projections of the e2e suite's model at 2048 tokens, where the GEMMs,
 not the per-call overhead or the timer, dominate, small enough that the whole CPU suite stays
 within about 3 minutes.
+
+Test ids are ``M<tokens>-<K>x<N>-r<rank>-<dtype>`` (``M8192-4096x4096-r16-bf16``), so that
+``-k 4096x4096-r16`` selects one shape and ``-k bf16`` a dtype. Settings (environment):
+``RESLORA_BENCH_LAYER_SHAPES`` replaces the shapes (``8192x4096x4096r16,...``: M x K x N r rank),
+``RESLORA_BENCH_VARIANTS`` keeps only the named variants (``frozen,peft_fp32,composed,fused,auto``),
+``RESLORA_BENCH_ROUNDS`` sets the timed rounds.
 """
 
 import os
@@ -12,21 +18,24 @@ import os
 import pytest
 import torch
 from bench_lib import (
+    DTYPE_IDS,
     IS_CUDA,
     Interleaved,
     case_name,
     layer_case,
     layer_variants,
+    parse_shapes,
     peak_bytes,
     peft,
     run_rounds,
     saved_bytes,
+    selected_variants,
 )
 
 if IS_CUDA:
     SHAPES = [(8192, 4096, 4096, 16), (8192, 4096, 11008, 16), (8192, 11008, 4096, 16), (8192, 4096, 4096, 64)]
     DTYPE = torch.bfloat16
-    ROUNDS, WARMUP = 15, 3
+    ROUNDS, WARMUP = int(os.environ.get("RESLORA_BENCH_ROUNDS", "15")), 3
 else:
     # The MLP projections of the e2e suite's model (hidden 256, intermediate 688) at 2048 tokens:
     # ~10 ms per forward+backward on 2 cores, so the ~0.2-0.3 ms of per-call overhead (see the
@@ -37,15 +46,26 @@ else:
 PHASES = ("fwd+bwd", "fwd")
 
 
+if os.environ.get("RESLORA_BENCH_LAYER_SHAPES"):
+    SHAPES = parse_shapes(os.environ["RESLORA_BENCH_LAYER_SHAPES"])
+
+
 def group_name(shape):
     M, K, N, r = shape
     return f"M={M} {K}->{N} r={r} {str(DTYPE).replace('torch.', '')}"
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=group_name)
+def shape_id(shape):
+    """The test id: only characters ``-k`` accepts in a name (no ``->`` or ``=``)."""
+    M, K, N, r = shape
+    return f"M{M}-{K}x{N}-r{r}-{DTYPE_IDS[DTYPE]}"
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_layer(benchmark, results, shape):
     M, K, N, rank = shape
     variants = [v for v in layer_variants() if peft is not None or not v[0].startswith("peft")]
+    variants = selected_variants(variants, os.environ.get("RESLORA_BENCH_VARIANTS"))
     cases = {}
     for phase in PHASES:
         for variant, mode, dropout in variants:

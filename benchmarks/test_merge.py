@@ -31,7 +31,7 @@ def fold_fn(variant, W, B, A):
     if variant == "torch addmm_":
         return lambda: W.addmm_(B, A, alpha=1e-6)
     if variant == "device copy":
-        source = torch.empty_like(W)
+        source = torch.randn_like(W)  # random, never uninitialised memory that may be zeros
         return lambda: W.copy_(source)
     raise ValueError(variant)
 

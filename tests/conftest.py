@@ -15,6 +15,16 @@ KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
 KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
 
 
+#: Test ids of dtype parameters: ``-k bf16`` selects the bfloat16 cases of every test.
+DTYPE_IDS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def pytest_make_parametrize_id(config, val, argname):
+    if isinstance(val, torch.dtype):
+        return DTYPE_IDS.get(val, str(val).replace("torch.", ""))
+    return None
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64 (0 when both are zero)."""
     out, ref = out.detach().double(), ref.detach().double()

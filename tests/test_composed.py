@@ -37,7 +37,7 @@ def assert_close(out, ref64, torch_same_dtype, what):
 @pytest.mark.parametrize("p", [0.0, 0.2])
 @pytest.mark.parametrize("pre_num", [1, 2, -1])
 @pytest.mark.parametrize("mode", ["none", "is", "bs", "ms"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_composed_chain_matches_oracle(composed_backend, monkeypatch, dtype, mode, pre_num, p):
     length, features = 4, 40
     recorder = SeedRecorder(monkeypatch)
