@@ -1,22 +1,30 @@
 """reslora_kernels: fused ResLoRA (residual LoRA) training, merging and export for PyTorch."""
 
-from .apply import ResLoRASummary, apply_reslora, chain_key, reslora_blocks, reslora_summary
+from .apply import apply_reslora
 from .backend import backend_choices, backend_report
-from .chain import ChainOrderError, ResLoRAChain, link_chain
-from .config import ALL_LINEAR, DEFAULT_TARGET_MODULES, MODES, ResLoRAConfig
+from .chain import ResLoRAChain, link_chain
+from .chaining import chain_key
+from .config import MODES, BlockSettings, ResLoRAConfig
 from .functional import fold_lora_, fold_report, reslora_linear, resolve_backend
 from .io import export_peft_adapter, load_reslora, save_reslora
-from .layer import FusedResLoRAConv1D, FusedResLoRALinear
-from .merging import MERGE_METHODS, MergeReport, merge_and_unload, merge_report
+from .layer import FusedResLoRALinear
+from .merge_methods import MERGE_METHODS
+from .merging import MergeReport, merge_and_unload, merge_report
+from .model_utils import reslora_blocks
+from .passes import ChainOrderError
+from .statistics import NormStatistics
+from .summary import ResLoRASummary, reslora_summary
+from .targets import ALL_LINEAR, DEFAULT_TARGET_MODULES
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MODES",
     "MERGE_METHODS",
+    "BlockSettings",
     "ResLoRAConfig",
     "FusedResLoRALinear",
-    "FusedResLoRAConv1D",
+    "NormStatistics",
     "ALL_LINEAR",
     "DEFAULT_TARGET_MODULES",
     "ResLoRAChain",

@@ -1,71 +1,132 @@
-"""ResLoRA settings: the config dataclass and the one validator every entry point uses."""
+"""ResLoRA settings: the settings of one block, and the config that puts blocks into a model.
+
+:class:`BlockSettings` is the one settings object a block takes, validated once, with the one set
+of defaults; :class:`ResLoRAConfig` extends it with what :func:`reslora_kernels.apply_reslora`
+needs to choose and chain the blocks of a model. A leaf: nothing of the package is imported.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, Union
+
+__all__ = ["MODES", "BlockSettings", "ResLoRAConfig"]
 
 #: Residual-shortcut modes, named as in the paper (docs/design.md section 2).
 #: ``none`` is plain LoRA, ``is`` input-shortcut, ``bs`` block-shortcut, ``ms`` middle-shortcut.
 MODES = ("none", "is", "bs", "ms")
 
-#: Modes whose blocks need their predecessors (is, bs, ms) and are therefore linked into chains.
-LINKED_MODES = ("is", "bs", "ms")
+#: Modes whose blocks keep norm statistics for the input-norm merge (``is``: the input, ``ms``: z).
+NORM_MODES = ("is", "ms")
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-def validate_settings(*, rank: Any, alpha: Any, dropout: Any, mode: Any, pre_num: Any, norm_window: Any) -> None:
-    """Raise a ValueError/TypeError naming the first bad ResLoRA setting."""
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise TypeError(f"rank must be an int, got {type(rank).__name__}")
-    if rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(map(repr, MODES))}")
-    if isinstance(pre_num, bool) or not isinstance(pre_num, int):
-        raise TypeError(f"pre_num must be an int, got {type(pre_num).__name__}")
-    # pre_num only means something for the modes that sum over previous blocks.
-    if mode in ("bs", "ms") and (pre_num == 0 or pre_num < -1):
-        raise ValueError(
-            f"pre_num must be >= 1 (that many previous blocks) or -1 (all previous blocks) "
-            f"for mode {mode!r}, got {pre_num}"
-        )
-    if isinstance(norm_window, bool) or not isinstance(norm_window, int) or norm_window < 1:
-        raise ValueError(f"norm_window must be an int >= 1, got {norm_window!r}")
+def _outside_the_package() -> int:
+    """The ``stacklevel`` of the first frame outside this package and the code dataclasses
+    generate, so that a settings warning points at the user's line however it was reached
+    (a config, a layer constructor, ``from_linear``)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(_PACKAGE_DIR) or frame.f_code.co_filename.startswith("<")
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
-def warn_settings(*, alpha: float, stacklevel: int = 3) -> None:
-    """Warn about settings that are valid but almost certainly a mistake."""
-    if alpha == 0:
-        warnings.warn(
-            "ResLoRA: alpha=0 makes the scaling alpha / rank zero: the LoRA branch adds nothing and "
-            "lora_A, lora_B get zero gradients, so nothing trains",
-            UserWarning,
-            stacklevel=stacklevel,
-        )
+@dataclass(frozen=True)
+class BlockSettings:
+    """The settings of one ResLoRA block, validated when built (a bad value raises, naming it).
 
+    Args:
+        mode: ``"none"`` (plain LoRA, the default), ``"is"`` (input-shortcut), ``"bs"``
+            (block-shortcut) or ``"ms"`` (middle-shortcut); docs/design.md section 2 has the
+            formulas. A shortcut mode is always an explicit choice.
+        rank: LoRA rank ``r`` (>= 1).
+        alpha: LoRA alpha; the LoRA branch is scaled by ``scaling = alpha / rank``.
+        dropout: dropout probability on the LoRA input, in ``[0, 1)`` (identity in eval mode).
+        pre_num: for ``bs`` and ``ms``, how many previous blocks a block sums over (``-1``: all
+            of them). Ignored by ``none`` and ``is``.
+        norm_window: how many recent training forwards the input-norm statistics average over
+            (``is``/``ms``; read by the ``input_norm`` merge).
 
-#: ``target_modules`` shorthand for every linear layer (``nn.Linear`` and transformers' ``Conv1D``)
-#: but the model's output head, as PEFT means it (peft/tuners/tuners_utils.py,
-#: ``_maybe_include_all_linear_layers``).
-ALL_LINEAR = "all-linear"
+    ``alpha = 0`` is valid but warns: the LoRA branch and its gradients are then zero.
+    """
 
-#: Targets used when ``target_modules`` is omitted, by ``model.config.model_type``: the attention
-#: query and value projections, the choice of PEFT's ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``
-#: (peft/utils/constants.py, checked against peft 0.21) for the same families.
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    **dict.fromkeys(("llama", "mistral", "qwen2", "gemma", "gemma2", "bart"), ["q_proj", "v_proj"]),
-    "gpt2": ["c_attn"],
-    **dict.fromkeys(("bert", "roberta"), ["query", "value"]),
-    "t5": ["q", "v"],
-}
+    mode: str = "none"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    pre_num: int = 1
+    norm_window: int = 100
+
+    def __post_init__(self) -> None:
+        rank, alpha, dropout, mode, pre_num = self.rank, self.alpha, self.dropout, self.mode, self.pre_num
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise TypeError(f"rank must be an int, got {type(rank).__name__}")
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(map(repr, MODES))}")
+        if isinstance(pre_num, bool) or not isinstance(pre_num, int):
+            raise TypeError(f"pre_num must be an int, got {type(pre_num).__name__}")
+        # pre_num only means something for the modes that sum over previous blocks.
+        if mode in ("bs", "ms") and (pre_num == 0 or pre_num < -1):
+            raise ValueError(
+                f"pre_num must be >= 1 (that many previous blocks) or -1 (all previous blocks) "
+                f"for mode {mode!r}, got {pre_num}"
+            )
+        window = self.norm_window
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"norm_window must be an int >= 1, got {window!r}")
+        object.__setattr__(self, "dropout", float(dropout))
+        if alpha == 0:
+            warnings.warn(
+                "ResLoRA: alpha=0 makes the scaling alpha / rank zero: the LoRA branch adds nothing and "
+                "lora_A, lora_B get zero gradients, so nothing trains",
+                UserWarning,
+                stacklevel=_outside_the_package(),
+            )
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / rank``, the factor of the LoRA branch."""
+        return self.alpha / self.rank
+
+    @property
+    def keeps_norm_statistics(self) -> bool:
+        """Whether a block records the norm statistics of the input-norm merge (modes is, ms)."""
+        return self.mode in NORM_MODES
+
+    def block_settings(self) -> "BlockSettings":
+        """These settings as a plain :class:`BlockSettings` (a :class:`ResLoRAConfig` without its
+        model-level fields)."""
+        if type(self) is BlockSettings:
+            return self
+        return BlockSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(BlockSettings)})
+
+    @classmethod
+    def of(cls, settings: "BlockSettings | None" = None, **overrides: Any) -> "BlockSettings":
+        """The settings a block is built with: ``settings`` (a :class:`BlockSettings` or a
+        :class:`ResLoRAConfig`), with ``overrides`` (its field names) replacing its values; the
+        defaults when neither is given."""
+        if settings is None:
+            return BlockSettings(**overrides)
+        if not isinstance(settings, BlockSettings):
+            raise TypeError(f"settings must be a BlockSettings or a ResLoRAConfig, got {type(settings).__name__}")
+        base = settings.block_settings()
+        return dataclasses.replace(base, **overrides) if overrides else base
+
 
 #: A chain-key rule: a regular expression (every match in a module name is replaced by ``*``) or a
 #: function from a module name to its chain key (``None``: the module forms no chain), or to
@@ -73,55 +134,35 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 ChainKey = Union[str, Callable[[str], Any]]
 
 
-@dataclass
-class ResLoRAConfig:
-    """How :func:`reslora_kernels.apply_reslora` puts ResLoRA into a model.
+@dataclass(frozen=True)
+class ResLoRAConfig(BlockSettings):
+    """How :func:`reslora_kernels.apply_reslora` puts ResLoRA into a model: the
+    :class:`BlockSettings` of every block (``mode``, ``rank``, ``alpha``, ``dropout``, ``pre_num``,
+    ``norm_window``, with their defaults), and which modules become blocks and how they chain.
 
     Args:
-        mode: ``"none"`` (plain LoRA), ``"is"`` (input-shortcut), ``"bs"`` (block-shortcut) or
-            ``"ms"`` (middle-shortcut); see docs/design.md section 2 or the README for the formulas.
-        rank: LoRA rank ``r``.
-        alpha: LoRA alpha; the LoRA branch is scaled by ``alpha / rank``.
-        dropout: dropout probability on the LoRA input (identity in eval mode).
-        pre_num: for ``bs`` and ``ms``, how many previous blocks a block sums over;
-            ``-1`` means all of them. Ignored by ``none`` and ``is``.
         target_modules: which linear layers (``nn.Linear``, transformers' ``Conv1D``) to replace.
             A list/tuple of names matches a module whose full name equals an entry or ends with
             ``"." + entry`` (``"q_proj"`` matches ``model.layers.3.self_attn.q_proj``); a single
             string is a regular expression that must match the full module name; ``"all-linear"``
             is every linear layer but the output head (PEFT's meaning); ``None`` takes the
-            defaults for ``model.config.model_type`` (:data:`DEFAULT_TARGET_MODULES`).
-        norm_window: how many recent training forwards the input-norm statistics average over
-            (used by the ``input_norm`` merge).
+            defaults for ``model.config.model_type`` (:data:`reslora_kernels.DEFAULT_TARGET_MODULES`).
         chain_key: which blocks form a chain (is/bs/ms). ``None``: the default rule of
             :func:`reslora_kernels.chain_key` (every layer index becomes ``*``; MoE experts form
-            no chain; blocks in model order). A string is a regular expression: every match in a module name is replaced
-            by ``*``, and modules with the same result form one chain (``r"(?<=block)\\d+"`` chains
-            ``block1.proj``, ``block2.proj``, ...). A function maps a module name to its key, to
-            ``None`` (no chain) or to ``(key, order)``; blocks are chained in model order, or by
-            ``order`` when given. A regex is saved with the adapter; a function is not (the
-            chains it formed are, and :func:`reslora_kernels.load_reslora` links those).
+            no chain; blocks in model order). A string is a regular expression: every match in a
+            module name is replaced by ``*``, and modules with the same result form one chain
+            (``r"(?<=block)\\d+"`` chains ``block1.proj``, ``block2.proj``, ...). A function maps a
+            module name to its key, to ``None`` (no chain) or to ``(key, order)``; blocks are
+            chained in model order, or by ``order`` when given. A regex is saved with the adapter;
+            a function is not (the chains it formed are, and :func:`reslora_kernels.load_reslora`
+            links those).
     """
 
-    mode: str = "is"
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    pre_num: int = 1
     target_modules: str | Sequence[str] | None = None
-    norm_window: int = 100
     chain_key: ChainKey | None = None
 
     def __post_init__(self) -> None:
-        validate_settings(
-            rank=self.rank,
-            alpha=self.alpha,
-            dropout=self.dropout,
-            mode=self.mode,
-            pre_num=self.pre_num,
-            norm_window=self.norm_window,
-        )
-        warn_settings(alpha=self.alpha, stacklevel=4)
+        super().__post_init__()
         key = self.chain_key
         if isinstance(key, str):
             try:
@@ -133,9 +174,9 @@ class ResLoRAConfig:
         elif key is not None and not callable(key):
             raise TypeError(f"chain_key must be a regex string, a function or None, got {type(key).__name__}")
         targets = self.target_modules
-        if targets is None or targets == ALL_LINEAR:
+        if targets is None:
             return
-        if isinstance(targets, str):
+        if isinstance(targets, str):  # a regex, or "all-linear" (which compiles as one too)
             try:
                 re.compile(targets)
             except re.error as err:
@@ -146,29 +187,7 @@ class ResLoRAConfig:
             raise ValueError(
                 f"target_modules must be a regex string or a non-empty list of names, got {self.target_modules!r}"
             )
-        self.target_modules = list(targets)
-
-    def matches(self, module_name: str) -> bool:
-        """Whether ``module_name`` (a full dotted name) is one of the listed or regex targets
-        (``None`` and ``"all-linear"`` depend on the model: :func:`reslora_kernels.apply_reslora`
-        resolves them)."""
-        targets = self.target_modules
-        if targets is None or targets == ALL_LINEAR:
-            raise ValueError(f"target_modules={targets!r} depends on the model; apply_reslora resolves it")
-        if isinstance(targets, str):
-            return re.fullmatch(targets, module_name) is not None
-        return any(module_name == t or module_name.endswith("." + t) for t in targets)
-
-    def layer_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of :class:`FusedResLoRALinear` this config sets."""
-        return {
-            "rank": self.rank,
-            "alpha": self.alpha,
-            "dropout": self.dropout,
-            "mode": self.mode,
-            "pre_num": self.pre_num,
-            "norm_window": self.norm_window,
-        }
+        object.__setattr__(self, "target_modules", list(targets))
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as JSON-ready values; a ``chain_key`` function cannot be saved and becomes

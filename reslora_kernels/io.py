@@ -13,21 +13,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .apply import (
-    ModelTransaction,
-    base_features,
-    check_wrapping,
-    execute_plan,
-    plan_reslora,
-    refuse_sharded,
-    reslora_blocks,
-    sharded_by,
-    unwrap_model,
-    whole_parameters,
-)
+from .apply import check_wrapping, execute_plan, plan_reslora
+from .base_layers import base_features
 from .config import ResLoRAConfig
 from .layer import FusedResLoRALinear
-from .merging import chains_of, merge_terms
+from .merge_methods import chains_of, merge_terms
+from .model_utils import refuse_sharded, reslora_blocks, sharded_by, unwrap_model, whole_parameters
+from .transaction import ModelTransaction
 
 __all__ = ["save_reslora", "load_reslora", "export_peft_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -112,14 +104,13 @@ def save_reslora(model: nn.Module, path: str | os.PathLike) -> None:
     tensors: dict[str, torch.Tensor] = {}
     with whole_parameters(model):
         for name, layer in blocks:
-            for key, tensor in layer.state_dict().items():
-                if key not in ("weight", "bias"):
-                    tensor = tensor.detach()
-                    if hasattr(tensor, "full_tensor"):  # an FSDP2 (DTensor) shard: gather it
-                        tensor = tensor.full_tensor()
-                    _check_finite(f"cannot save: {name}.{key}", tensor)
-                    # A copy: under FSDP the gathered storage is freed when the context ends.
-                    tensors[f"{name}.{key}"] = tensor.to("cpu", copy=True).contiguous()
+            for key, tensor in layer.adapter_state_dict().items():
+                tensor = tensor.detach()
+                if hasattr(tensor, "full_tensor"):  # an FSDP2 (DTensor) shard: gather it
+                    tensor = tensor.full_tensor()
+                _check_finite(f"cannot save: {name}.{key}", tensor)
+                # A copy: under FSDP the gathered storage is freed when the context ends.
+                tensors[f"{name}.{key}"] = tensor.to("cpu", copy=True).contiguous()
     config = getattr(unwrap_model(model), "reslora_config", None)
     meta = {
         "format_version": _FORMAT_VERSION,
@@ -174,7 +165,7 @@ def _loadable(saved: torch.dtype, target: torch.dtype) -> bool:
 
 
 def _expected_tensors(name: str, layer: FusedResLoRALinear) -> dict[str, torch.Tensor]:
-    return {f"{name}.{key}": t for key, t in layer.state_dict(keep_vars=True).items() if key not in ("weight", "bias")}
+    return {f"{name}.{key}": t for key, t in layer.adapter_state_dict(keep_vars=True).items()}
 
 
 def _check_tensors(file: Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -255,7 +246,7 @@ def load_reslora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # the config warned about its settings
                 layer = FusedResLoRALinear(
-                    *base_features(base), bias=False, device="meta", dtype=base.weight.dtype, **config.layer_kwargs()
+                    *base_features(base), bias=False, device="meta", dtype=base.weight.dtype, settings=config
                 )
             if _block_record(record["name"], layer) != record:
                 raise ValueError(

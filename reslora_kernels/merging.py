@@ -1,309 +1,46 @@
-"""Turning a trained chain into plain linear weights (docs/design.md section 8).
-
-Every method reduces a block to one term ``W_n + coef * B' A'``:
-
-* ``exact`` (none, bs): ``coef = s`` with ``B' = [B_n, B_{n-1}, ...]``, ``A' = [A_n; A_{n-1}; ...]``
-  over the blocks the block sums over (just ``B_n``, ``A_n`` for none);
-* ``input_norm`` (is, ms) and ``weight_norm`` (is): ``coef = s * (1 + a_n)`` with ``B_n``, ``A_n``;
-* ``lstsq`` (is, ms): ``coef = s`` with ``B_n`` and ``A_n + P_n``, ``P_n`` the ridge least-squares
-  map from the block's input to its shortcut term, fitted on calibration data.
-
-The coefficients ``a_n`` follow the authors' code: a ratio with a zero statistic counts as 1.
-"""
+"""Merging a model: fold every block's merge term into its base weight and put the base layers
+back (:func:`merge_and_unload`), or measure each method's output error without changing the model
+(:func:`merge_report`). The terms themselves come from :mod:`reslora_kernels.merge_methods`."""
 
 from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
 from . import functional
-from .apply import ModelTransaction, refuse_sharded, reslora_blocks, set_module, skipped_norms, unwrap_model
-from .chain import track_passes, untrack_passes
 from .layer import FusedResLoRALinear
+from .merge_methods import METHOD_MODES, MergeTerm, chains_of, merge_terms
+from .model_utils import refuse_sharded, reslora_blocks, run_batch, set_module, unwrap_model
+from .passes import track_passes, untrack_passes
+from .statistics import skipped_norms
+from .transaction import ModelTransaction
 
-if TYPE_CHECKING:
-    from .chain import ResLoRAChain
-
-__all__ = [
-    "MERGE_METHODS",
-    "METHOD_MODES",
-    "MergeTerm",
-    "resolve_method",
-    "chain_merge_terms",
-    "LstsqStatistics",
-    "calibrate_lstsq",
-    "run_batch",
-    "merge_terms",
-    "folded_weight",
-    "merge_and_unload",
-    "merge_report",
-    "MergeReport",
-]
-
-MERGE_METHODS = ("auto", "exact", "input_norm", "weight_norm", "lstsq")
-#: Which modes each merge method applies to.
-METHOD_MODES = {
-    "exact": ("none", "bs"),
-    "input_norm": ("is", "ms"),
-    "weight_norm": ("is",),
-    "lstsq": ("is", "ms"),
-}
-
-
-@dataclass
-class MergeTerm:
-    """The merged weight of one block is ``weight + coef * lora_B @ lora_A``."""
-
-    coef: float
-    lora_B: torch.Tensor  # [out, r']
-    lora_A: torch.Tensor  # [r', in]
-
-
-def resolve_method(method: str, mode: str) -> str:
-    """The concrete method ``method`` means for ``mode``; a clear error if it does not apply."""
-    if method not in MERGE_METHODS:
-        raise ValueError(f"unknown merge method {method!r}; choose one of {', '.join(MERGE_METHODS)}")
-    if method == "auto":
-        return "exact" if mode in METHOD_MODES["exact"] else "input_norm"
-    if mode not in METHOD_MODES[method]:
-        fits = [m for m, modes in METHOD_MODES.items() if mode in modes]
-        raise ValueError(
-            f"merge method {method!r} does not apply to mode {mode!r} (it merges modes "
-            f"{', '.join(METHOD_MODES[method])}); for {mode!r} use {' or '.join(fits)}"
-        )
-    return method
-
-
-def _ratio(numerator: float, denominator: float) -> float:
-    # The authors' rule: a zero statistic on either side gives a term of 1.
-    return 1.0 if numerator == 0.0 or denominator == 0.0 else numerator / denominator
-
-
-def input_norm_coefficients(chain: "ResLoRAChain") -> list[float]:
-    """``a_n`` of the input-norm merge: is ``mu_{n-1} / mu_n`` (``a_0 = 1``); ms
-    ``sum_{k=1..min(m,n)} nu_{n-k} / nu_n`` (``a_0 = 0``)."""
-    stats = [block.recorded_norm_mean() for block in chain]
-    for name, stat in zip(chain.block_names, stats):
-        if not math.isfinite(stat):
-            raise ValueError(
-                f"the norm statistics of {name} (chain {chain.name!r}) hold Inf/NaN, which no training forward "
-                "records: they were set by hand or loaded from a damaged file. Reset them "
-                "(block.norm_sq_window.zero_(); block.norm_count.zero_()) or use another merge method"
-            )
-    skipped = skipped_norms(list(zip(chain.block_names, chain)))
-    if skipped:
-        warnings.warn(
-            f"input_norm merge of chain {chain.name!r}: training forwards with Inf/NaN norms were left out of the "
-            f"statistics ({', '.join(f'{name}: {n}' for name, n in skipped.items())})",
-            stacklevel=3,
-        )
-    empty = [name for name, block in zip(chain.block_names, chain) if int(block.norm_count) == 0]
-    if empty:
-        warnings.warn(
-            f"input_norm merge of chain {chain.name!r}: no training forward recorded norm statistics for "
-            f"{', '.join(empty)}; their ratio terms fall back to 1",
-            stacklevel=3,
-        )
-    if chain.mode == "is":
-        return [1.0] + [_ratio(stats[n - 1], stats[n]) for n in range(1, len(chain))]
-    return [sum(_ratio(stats[j], stats[n]) for j in list(chain.span(n))[1:]) for n in range(len(chain))]
-
-
-@torch.no_grad()
-def weight_norm_coefficients(chain: "ResLoRAChain") -> list[float]:
-    """``a_n = f_{n-2} / f_{n-1}`` with ``f_j = ||W_j + s B_j A_j||_F``, ``a_n = 1`` for n < 2."""
-    norms = [
-        float(
-            torch.linalg.matrix_norm(
-                torch.addmm(b.weight.double(), b.lora_B.double(), b.lora_A.double(), alpha=b.scaling)
-            )
-        )
-        for b in chain
-    ]
-    return [1.0 if n < 2 else _ratio(norms[n - 2], norms[n - 1]) for n in range(len(chain))]
-
-
-class LstsqStatistics:
-    """Streaming sums of one block for the lstsq merge, in float32 (float64 for a float64 model) on
-    the block's device:
-    ``gram = sum_t x_t x_t^T`` ``[in, in]`` and ``cross = sum_t S_t x_t^T`` ``[r, in]``, where ``S_t``
-    is the block's shortcut term in rank space (``A_n x_{n-1}`` for is, ``sum_k z_{n-k}`` for ms)."""
-
-    def __init__(self, block: "FusedResLoRALinear") -> None:
-        factory = {"device": block.weight.device, "dtype": torch.promote_types(block.weight.dtype, torch.float32)}
-        self.gram = torch.zeros((block.in_features, block.in_features), **factory)
-        self.cross = torch.zeros((block.rank, block.in_features), **factory)
-        self.tokens = 0
-
-    def observe(self, x: torch.Tensor, target: torch.Tensor) -> None:
-        x2 = x.reshape(-1, x.shape[-1]).to(self.gram.dtype)
-        t2 = target.reshape(-1, target.shape[-1]).to(self.gram.dtype)
-        self.gram.addmm_(x2.t(), x2)
-        self.cross.addmm_(t2.t(), x2)
-        self.tokens += x2.shape[0]
-
-    def solve(self, ridge: float) -> torch.Tensor:
-        """``P = cross (gram + lam I)^-1`` in float64 with ``lam = ridge * trace(gram) / in``, the
-        ridge relative to the mean eigenvalue so that it does not depend on the inputs' scale."""
-        gram = self.gram.double()
-        lam = ridge * float(gram.diagonal().mean())
-        if lam <= 0.0:
-            lam = ridge
-        gram.diagonal().add_(lam)
-        # gram is symmetric positive definite once lam > 0: P^T = gram^-1 cross^T by Cholesky.
-        factor = torch.linalg.cholesky(gram)
-        return torch.cholesky_solve(self.cross.double().t(), factor).t()
-
-
-def run_batch(model: nn.Module, batch) -> object:
-    """Run ``model`` on one batch: a tensor as ``model(t)``, a mapping as ``model(**d)``."""
-    if isinstance(batch, torch.Tensor):
-        return model(batch)
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    raise TypeError(f"a batch must be a tensor or a dict of model inputs, got {type(batch).__name__}")
-
-
-def _observe_shortcut(stats: LstsqStatistics):
-    def hook(block, x, x_prev, z_prev):
-        # The shortcut term the merged weight must reproduce, in rank space.
-        acc = torch.promote_types(x.dtype, torch.float32)
-        target = x_prev.to(acc) @ block.lora_A.to(acc).t() if block.mode == "is" else z_prev
-        stats.observe(x, target)
-
-    return hook
-
-
-@torch.no_grad()
-def calibrate_lstsq(
-    model: nn.Module, blocks: list["FusedResLoRALinear"], batches: Iterable
-) -> dict[int, LstsqStatistics]:
-    """One streaming pass of ``batches`` through ``model`` (eval mode, no grad) that accumulates
-    :class:`LstsqStatistics` for every block of ``blocks`` with a shortcut term (is/ms blocks
-    after the first of their chain). Keyed by ``id(block)``; no activation is kept."""
-    if batches is None:
-        raise ValueError("method 'lstsq' needs calibration=<an iterable of model inputs>")
-    stats: dict[int, LstsqStatistics] = {}
-    handles = []
-    for block in blocks:
-        if block.mode in METHOD_MODES["lstsq"] and block.chain_index > 0:
-            stats[id(block)] = LstsqStatistics(block)
-            handles.append(block.register_shortcut_hook(_observe_shortcut(stats[id(block)])))
-    was_training = model.training
-    model.eval()
-    count = 0
-    try:
-        for batch in batches:
-            run_batch(model, batch)
-            count += 1
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    if count == 0:
-        raise ValueError("calibration is empty: lstsq needs at least one batch of model inputs")
-    return stats
-
-
-@torch.no_grad()
-def chain_merge_terms(
-    chain: "ResLoRAChain", method: str, lstsq: dict[int, LstsqStatistics] | None = None, ridge: float = 1e-3
-) -> list[MergeTerm]:
-    """One :class:`MergeTerm` per block of ``chain``, computed from the unmerged weights.
-    ``lstsq`` holds the calibration statistics the lstsq method needs."""
-    method = resolve_method(method, chain.mode)
-    blocks = list(chain)
-    if method == "lstsq":
-        if lstsq is None:
-            raise ValueError("method 'lstsq' needs calibration statistics")
-        terms = []
-        for n, block in enumerate(blocks):
-            A = block.lora_A.detach()
-            if n == 0:
-                # Exact anyway: the first is block's shortcut is its own input (P = A), the first
-                # ms block has none (P = 0).
-                A_merged = 2 * A if chain.mode == "is" else A
-            else:
-                P = lstsq[id(block)].solve(ridge)
-                A_merged = (A.double() + P).to(A.dtype)
-            terms.append(MergeTerm(block.scaling, block.lora_B.detach(), A_merged))
-        return terms
-    if method == "exact":
-        terms = []
-        for n, block in enumerate(blocks):
-            span = [blocks[j] for j in chain.span(n)] if chain.mode == "bs" else [block]
-            lora_B = torch.cat([b.lora_B.detach().to(block.weight.device) for b in span], dim=1)
-            lora_A = torch.cat([b.lora_A.detach().to(block.weight.device) for b in span], dim=0)
-            terms.append(MergeTerm(block.scaling, lora_B, lora_A))
-        return terms
-    coefficients = input_norm_coefficients(chain) if method == "input_norm" else weight_norm_coefficients(chain)
-    return [
-        MergeTerm(block.scaling * (1.0 + a), block.lora_B.detach(), block.lora_A.detach())
-        for block, a in zip(blocks, coefficients)
-    ]
-
-
-# ---------------------------------------------------------------------------- model level
-def chains_of(blocks: list[tuple[str, FusedResLoRALinear]]) -> list[ResLoRAChain]:
-    chains: dict[int, ResLoRAChain] = {}
-    for _, layer in blocks:
-        chains.setdefault(id(layer.chain), layer.chain)
-    return list(chains.values())
-
-
-def merge_terms(
-    model: nn.Module, method: str, calibration=None, ridge: float = 1e-3
-) -> list[tuple[FusedResLoRALinear, MergeTerm]]:
-    """Every block's merge term under ``method``, computed before anything changes."""
-    blocks = reslora_blocks(model)
-    if not blocks:
-        raise ValueError("the model has no ResLoRA layers to merge")
-    chains = chains_of(blocks)
-    # Every method/mode pair is checked before anything is computed.
-    resolved = {resolve_method(method, chain.mode) for chain in chains}
-    if "lstsq" in resolved:
-        if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge > 0:
-            raise ValueError(f"ridge must be a positive number, got {ridge!r}")
-        lstsq = calibrate_lstsq(model, [layer for _, layer in blocks], calibration)
-    elif calibration is not None:
-        raise ValueError(f"calibration is only used by method 'lstsq', not {method!r}")
-    else:
-        lstsq = None
-    in_model = {id(layer) for _, layer in blocks}
-    terms = []
-    for chain in chains:
-        for block, term in zip(chain, chain_merge_terms(chain, method, lstsq, ridge)):
-            if id(block) in in_model:
-                terms.append((block, term))
-    return terms
+__all__ = ["MergeReport", "merge_and_unload", "merge_report"]
 
 
 def _check_untied(model: nn.Module, blocks: list[tuple[str, FusedResLoRALinear]]) -> None:
     holders: dict[int, list[str]] = defaultdict(list)
     for name, param in model.named_parameters(remove_duplicate=False):
         holders[id(param)].append(name)
+    # The names a block's base weight has through the block itself (under each name of the block).
     own: dict[int, set[str]] = defaultdict(set)
     for name, mod in model.named_modules(remove_duplicate=False):
         if isinstance(mod, FusedResLoRALinear):
-            own[id(mod._parameters["weight"])].add(f"{name}.weight" if name else "weight")
+            own[id(mod.base_layer.weight)].add(f"{name}.base_layer.weight" if name else "base_layer.weight")
     owner: dict[int, str] = {}
     for name, layer in blocks:
-        weight = layer._parameters["weight"]
+        weight = layer.base_layer.weight
         others = [n for n in holders[id(weight)] if n not in own[id(weight)]]
         if id(weight) in owner:
-            others.append(f"{owner[id(weight)]}.weight")
+            others.append(f"{owner[id(weight)]}.base_layer.weight")
         owner[id(weight)] = name
         if others:
             raise ValueError(
-                f"{name}.weight is tied to {', '.join(others)}: merging would change those too. "
+                f"{name}.base_layer.weight is tied to {', '.join(others)}: merging would change those too. "
                 "Untie the weights (clone the parameter) before merging"
             )
 
@@ -312,7 +49,7 @@ def _check_untied(model: nn.Module, blocks: list[tuple[str, FusedResLoRALinear]]
 def folded_weight(block: FusedResLoRALinear, term: MergeTerm) -> torch.Tensor:
     """A new tensor holding ``block``'s base weight Parameter with ``term`` folded in (the product
     accumulated in float32 on the fastest fold for the device); the block is not changed."""
-    weight = block._parameters["weight"].detach().clone()
+    weight = block.base_layer.weight.detach().clone()
     if block.fan_in_fan_out:
         # The Parameter is stored [in, out] (Conv1D): fold the transposed update, W^T += c A^T B^T.
         lora_B, lora_A = term.lora_A.t().contiguous(), term.lora_B.t().contiguous()
@@ -328,23 +65,6 @@ def _nonfinite_cause(block: FusedResLoRALinear, term: MergeTerm) -> str:
     if not math.isfinite(term.coef):
         return f"its merge coefficient is {term.coef} (from non-finite norm statistics)"
     return f"the folded weight overflows {block.weight.dtype}"
-
-
-def _original_module(layer: FusedResLoRALinear) -> nn.Module:
-    """The module a block goes back to: the one it was made from (its own Parameters put back),
-    else a new ``nn.Linear`` (``Conv1D`` for :class:`FusedResLoRAConv1D`) around the block's Parameters."""
-    original = layer.__dict__.get("_original_module")
-    if original is None and layer.fan_in_fan_out:
-        from transformers.pytorch_utils import Conv1D
-
-        with torch.device("meta"):
-            original = Conv1D(layer.out_features, layer.in_features)
-    elif original is None:
-        original = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-    original.weight = layer._parameters["weight"]
-    if layer.bias is not None or "bias" in original._parameters:
-        original.bias = layer.bias
-    return original
 
 
 @torch.no_grad()
@@ -375,10 +95,11 @@ def merge_and_unload(
     accumulated in float32, on the fastest fold for the device: :func:`reslora_kernels.fold_report`),
     so the merged weights of all blocks are held at once beside the unmerged ones (peak memory: one
     extra copy of every adapted weight); only then are they swapped in and the modules replaced. Any
-    error leaves the model as it was. Each block goes back to the module it was made from (the same
-    object, its weight Parameter now holding the merged values, frozen), or to a new ``nn.Linear``
-    for a block built directly. Returns the model (that module if ``model`` itself was a single
-    :class:`FusedResLoRALinear`); nothing of ResLoRA is left in it. A model wrapped in DDP or
+    error leaves the model as it was. Each block goes back to its base layer (for a block made by
+    ``from_linear`` or ``apply_reslora`` the module it was made from, the same object of the same
+    type, its weight Parameter now holding the merged values, frozen). Returns the model (that base
+    layer if ``model`` itself was a single :class:`FusedResLoRALinear`); nothing of ResLoRA is left
+    in it. A model wrapped in DDP or
     torch.compile is merged inside its wrapper and the bare model is returned (an FSDP-sharded one
     is refused: merge an unsharded copy).
     """
@@ -399,10 +120,10 @@ def merge_and_unload(
                 "Nothing was changed; pass safe_merge=False to merge anyway"
             )
         merged.append((block, weight))
-    replacements = {id(layer): _original_module(layer) for _, layer in blocks}
+    replacements = {id(layer): layer.base_layer for _, layer in blocks}
     with ModelTransaction(model) as tx:
         for block, weight in merged:
-            tx.set_data(block._parameters["weight"], weight)
+            tx.set_data(block.base_layer.weight, weight)
         root = replacements.get(id(model))
         if root is None:
             for name, mod in list(model.named_modules(remove_duplicate=False)):

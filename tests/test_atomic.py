@@ -9,6 +9,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 import reslora_kernels.apply as apply_module
+import reslora_kernels.transaction as transaction
 from reslora_kernels import (
     FusedResLoRALinear,
     ResLoRAConfig,
@@ -252,7 +253,7 @@ def test_load_failing_half_way_is_rolled_back(tmp_path, monkeypatch, fresh):
     torch.manual_seed(5)
     target = Net() if fresh else trained()
     before = snapshot(target)
-    copy_ = apply_module.ModelTransaction.copy_
+    copy_ = transaction.ModelTransaction.copy_
     calls = []
 
     def fail_late(self, target_tensor, source):
@@ -261,7 +262,7 @@ def test_load_failing_half_way_is_rolled_back(tmp_path, monkeypatch, fresh):
             raise RuntimeError("copy failed")
         copy_(self, target_tensor, source)
 
-    monkeypatch.setattr(apply_module.ModelTransaction, "copy_", fail_late)
+    monkeypatch.setattr(transaction.ModelTransaction, "copy_", fail_late)
     with pytest.raises(RuntimeError, match="copy failed"):
         load_reslora(target, tmp_path)
     assert_unchanged(target, before)
@@ -327,7 +328,7 @@ def test_non_finite_adapter_refuses_to_merge_naming_the_block():
 def test_non_finite_statistics_refuse_to_merge_naming_the_block():
     model = trained("is")
     with torch.no_grad():
-        model.layers[1]["proj"].norm_sq_window[0] = float("inf")  # a statistic gone bad by hand
+        model.layers[1]["proj"].statistics.norm_sq_window[0] = float("inf")  # a statistic gone bad by hand
     before = snapshot(model)
     with pytest.raises(
         ValueError, match=r"the norm statistics of layers.1.proj \(chain 'layers.\*.proj'\) hold Inf/NaN"
@@ -351,7 +352,7 @@ def test_overflowing_fold_refuses_to_merge():
 def test_merge_failing_half_way_is_rolled_back(monkeypatch):
     model = trained("ms")
     before = snapshot(model)
-    set_module = apply_module.set_module
+    set_module = transaction.set_module
     calls = []
 
     def fail_late(*args):
@@ -360,7 +361,7 @@ def test_merge_failing_half_way_is_rolled_back(monkeypatch):
             raise RuntimeError("swap failed")
         set_module(*args)
 
-    monkeypatch.setattr(apply_module, "set_module", fail_late)
+    monkeypatch.setattr(transaction, "set_module", fail_late)
     with pytest.raises(RuntimeError, match="swap failed"):
         merge_and_unload(model)
     assert_unchanged(model, before)
@@ -378,8 +379,8 @@ def test_merge_gives_back_the_original_modules():
 
 def test_blocks_sharing_a_weight_refuse_to_merge():
     model = trained("none")
-    model.layers[1]["proj"].weight = model.layers[0]["proj"].weight
-    with pytest.raises(ValueError, match=r"layers.1.proj.weight is tied to layers.0.proj.weight"):
+    model.layers[1]["proj"].base_layer.weight = model.layers[0]["proj"].base_layer.weight
+    with pytest.raises(ValueError, match=r"layers.1.proj.base_layer.weight is tied to layers.0.proj.base_layer.weight"):
         merge_and_unload(model)
 
 

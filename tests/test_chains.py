@@ -14,7 +14,7 @@ from reslora_kernels import (
     reslora_summary,
     save_reslora,
 )
-from reslora_kernels.apply import parallel_copies
+from reslora_kernels.chaining import parallel_copies
 
 
 class Numbered(nn.Module):

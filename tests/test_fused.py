@@ -164,7 +164,7 @@ def test_norm_statistics_come_from_the_kernel(triton_backend):
     model = ToyStack(2, 24, "is", dtype=torch.float32, device=KERNEL_DEVICE)
     x = torch.randn(6, 24, device=KERNEL_DEVICE)
     model(x)
-    assert model.blocks[0].recorded_norm_mean() == pytest.approx(float(x.norm()), rel=1e-5)
+    assert model.blocks[0].statistics.mean_norm() == pytest.approx(float(x.norm()), rel=1e-5)
 
 
 def test_auto_runs_cpu_tensors_on_the_composed_path(monkeypatch):

@@ -14,7 +14,6 @@ from test_model import LLAMA_TARGETS, check_against_oracle, randomize_adapters, 
 from reslora_kernels import (
     DEFAULT_TARGET_MODULES,
     MODES,
-    FusedResLoRAConv1D,
     FusedResLoRALinear,
     ResLoRAConfig,
     apply_reslora,
@@ -60,7 +59,7 @@ def test_conv1d_block_equals_the_linear_block(monkeypatch, backend, mode):
     monkeypatch.setenv("RESLORA_BACKEND", backend)
     torch.manual_seed(0)
     conv = Conv1D(24, 16)
-    block = FusedResLoRAConv1D.from_conv1d(conv, rank=4, alpha=8, mode=mode)
+    block = FusedResLoRALinear.from_linear(conv, rank=4, alpha=8, mode=mode)
     linear = FusedResLoRALinear(16, 24, rank=4, alpha=8, mode=mode)
     with torch.no_grad():
         nn.init.normal_(block.lora_B)
@@ -77,7 +76,7 @@ def test_conv1d_block_equals_the_linear_block(monkeypatch, backend, mode):
     torch.testing.assert_close(block(x), linear(x), rtol=1e-5, atol=1e-6)
     for name in ("lora_A", "lora_B"):
         torch.testing.assert_close(getattr(block, name).grad, getattr(linear, name).grad, rtol=1e-5, atol=1e-6)
-    assert int(block.norm_count) == int(linear.norm_count) == 2
+    assert int(block.statistics.norm_count) == int(linear.statistics.norm_count) == 2
 
 
 def test_gpt2_merges_back_to_its_conv1d_modules():
@@ -85,8 +84,8 @@ def test_gpt2_merges_back_to_its_conv1d_modules():
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     originals = {name: mod for name, mod in model.named_modules() if isinstance(mod, Conv1D)}
     apply_reslora(model, ResLoRAConfig(mode="bs", pre_num=-1, target_modules=GPT2_TARGETS))
-    assert all(isinstance(model.get_submodule(name), FusedResLoRAConv1D) for name in originals)
-    assert model.transformer.h[0].attn.c_attn.state_dict()["weight"].shape == (32, 96)  # Conv1D's layout
+    assert all(model.get_submodule(name).base_layer is mod for name, mod in originals.items())
+    assert model.transformer.h[0].attn.c_attn.state_dict()["base_layer.weight"].shape == (32, 96)  # Conv1D's layout
     randomize_adapters(model)
     ids = torch.randint(0, 64, (2, 9))
     with torch.no_grad():
@@ -98,19 +97,24 @@ def test_gpt2_merges_back_to_its_conv1d_modules():
     assert {k: v.shape for k, v in model.state_dict().items()} == shapes
 
 
-def test_conv1d_built_directly_merges_to_a_new_conv1d():
-    block = FusedResLoRAConv1D(8, 6, mode="none", dtype=torch.float64)
+def test_a_conv1d_block_merges_back_to_its_conv1d():
+    conv = Conv1D(6, 8).double()
+    block = FusedResLoRALinear.from_linear(conv, mode="none")
     nn.init.normal_(block.lora_B)
-    assert block._parameters["weight"].shape == (8, 6) and "fan_in_fan_out=True" in repr(block)
+    assert block.fan_in_fan_out and block.base_layer.weight.shape == (8, 6) and block.weight.shape == (6, 8)
+    assert (block.in_features, block.out_features) == (8, 6)
     x = torch.randn(3, 8, dtype=torch.float64)
     expected = block(x).detach()
-    conv = merge_and_unload(block)
-    assert type(conv) is Conv1D and conv.weight is block._parameters["weight"]
+    merged = merge_and_unload(block)
+    assert merged is conv and type(merged) is Conv1D and not conv.weight.requires_grad
     assert rel_err(conv(x), expected) < 1e-12
-    with pytest.raises(TypeError, match="wrapped by FusedResLoRAConv1D.from_conv1d"):
-        FusedResLoRALinear.from_linear(Conv1D(4, 4))
-    with pytest.raises(TypeError, match="from_conv1d needs a transformers Conv1D, got Linear"):
-        FusedResLoRAConv1D.from_conv1d(nn.Linear(4, 4))
+    block = FusedResLoRALinear.from_linear(Conv1D(64, 32))
+    with torch.no_grad():
+        block.bias.fill_(1.0)
+    block.reset_parameters()  # as Conv1D's constructor: normal(std 0.02) weight, zero bias
+    assert not block.bias.any() and 0.01 < float(block.weight.std()) < 0.03
+    with pytest.raises(TypeError, match="from_linear needs an nn.Linear or a transformers Conv1D: got a Embedding"):
+        FusedResLoRALinear.from_linear(nn.Embedding(4, 4))
 
 
 def test_gpt2_save_load_round_trip(tmp_path):
@@ -123,7 +127,7 @@ def test_gpt2_save_load_round_trip(tmp_path):
         model(ids)
     save_reslora(model, tmp_path)
     fresh = load_reslora(tiny_gpt2(torch.float32), tmp_path)
-    assert isinstance(fresh.transformer.h[2].mlp.c_proj, FusedResLoRAConv1D)
+    assert type(fresh.transformer.h[2].mlp.c_proj.base_layer) is Conv1D
     model.eval(), fresh.eval()
     with torch.no_grad():
         assert torch.equal(model(ids).logits, fresh(ids).logits)

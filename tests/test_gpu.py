@@ -71,7 +71,7 @@ def test_training_step_never_syncs(triton_backend, mode):
         model(x)[-1].sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert int(model.blocks[0].norm_count) == 2
+    assert int(model.blocks[0].statistics.norm_count) == 2
 
 
 def test_launch_plan_matches_the_device():

@@ -1,5 +1,6 @@
 """FusedResLoRALinear as a drop-in nn.Linear, its chain protocol, statistics and dropout."""
 
+import dataclasses
 import gc
 import math
 import weakref
@@ -10,12 +11,13 @@ import torch.nn as nn
 from conftest import rel_err
 from toy import ToyStack
 
-from reslora_kernels import ChainOrderError, FusedResLoRALinear, link_chain, reference
+from reslora_kernels import BlockSettings, ChainOrderError, FusedResLoRALinear, ResLoRAConfig, link_chain, reference
 
 
-def test_constructor_matches_nn_linear():
+def test_constructor_builds_its_base_nn_linear():
     layer = FusedResLoRALinear(10, 6, bias=True, dtype=torch.float64, rank=3, alpha=6, mode="bs", pre_num=2)
-    assert isinstance(layer, nn.Linear)
+    assert type(layer.base_layer) is nn.Linear and (layer.in_features, layer.out_features) == (10, 6)
+    assert layer.weight is layer.base_layer.weight and layer.bias is layer.base_layer.bias
     assert layer.weight.shape == (6, 10) and layer.bias.shape == (6,)
     assert layer.lora_A.shape == (3, 10) and layer.lora_B.shape == (6, 3)
     assert layer.weight.dtype == layer.lora_A.dtype == torch.float64
@@ -25,7 +27,7 @@ def test_constructor_matches_nn_linear():
     assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
     # kaiming-uniform with a = sqrt(5): bound = 1 / sqrt(fan_in)
     assert layer.lora_A.abs().max() <= 1 / math.sqrt(10)
-    assert set(dict(layer.named_parameters())) == {"weight", "bias", "lora_A", "lora_B"}
+    assert set(dict(layer.named_parameters())) == {"base_layer.weight", "base_layer.bias", "lora_A", "lora_B"}
     text = repr(layer)
     for piece in ("in_features=10", "out_features=6", "rank=3", "alpha=6", "mode='bs'", "pre_num=2"):
         assert piece in text
@@ -34,15 +36,46 @@ def test_constructor_matches_nn_linear():
 def test_from_linear_reuses_parameters_and_matches_at_init():
     linear = nn.Linear(16, 8)
     layer = FusedResLoRALinear.from_linear(linear, rank=4, mode="is")
-    assert layer.weight is linear.weight and layer.bias is linear.bias
+    assert layer.base_layer is linear and layer.weight is linear.weight and layer.bias is linear.bias
     assert not linear.weight.requires_grad
     x = torch.randn(3, 16)
     # B = 0 at init: the block starts as the base layer (is adds its own input twice, times 0).
     torch.testing.assert_close(layer(x), linear(x), rtol=0, atol=0)
     no_bias = FusedResLoRALinear.from_linear(nn.Linear(16, 8, bias=False))
     assert no_bias.bias is None
-    with pytest.raises(TypeError, match="plain nn.Linear"):
+    with pytest.raises(TypeError, match="needs an nn.Linear or a transformers Conv1D, got a FusedResLoRALinear"):
         FusedResLoRALinear.from_linear(layer)
+    with pytest.raises(TypeError, match="got a Embedding, not an nn.Linear"):
+        FusedResLoRALinear.from_linear(nn.Embedding(4, 4))
+    quantized = nn.Linear(4, 4)
+    quantized.weight = nn.Parameter(torch.ones(4, 4, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(TypeError, match="its weight is a Parameter of torch.int8, not a floating-point Parameter"):
+        FusedResLoRALinear.from_linear(quantized)
+
+
+def test_one_settings_object_with_one_set_of_defaults():
+    """Every way to build a block takes a BlockSettings (or a ResLoRAConfig, which extends it) or
+    keywords forwarded to it: one validation, one default per setting (mode 'none')."""
+    assert FusedResLoRALinear(4, 4).settings == BlockSettings() == ResLoRAConfig().block_settings()
+    assert BlockSettings().mode == "none" and FusedResLoRALinear.from_linear(nn.Linear(4, 4)).mode == "none"
+    settings = BlockSettings(mode="ms", rank=2, alpha=4.0, dropout=0.1, pre_num=-1, norm_window=7)
+    layer = FusedResLoRALinear(6, 5, settings=settings)
+    assert layer.settings is settings and (layer.rank, layer.scaling, layer.pre_num) == (2, 2.0, -1)
+    assert layer.statistics.norm_sq_window.shape == (7,)
+    config = ResLoRAConfig(mode="is", rank=3, target_modules=["proj"])
+    from_config = FusedResLoRALinear.from_linear(nn.Linear(6, 5), config, dropout=0.2)
+    assert type(from_config.settings) is BlockSettings  # the config's block settings, not its targets
+    assert (from_config.mode, from_config.rank, from_config.dropout) == ("is", 3, 0.2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.rank = 4
+    with pytest.raises(AttributeError):
+        layer.rank = 4  # a block's shape-setting values are fixed at construction
+    layer.dropout = 0.3  # replaces the settings, validated
+    assert layer.settings.dropout == 0.3 and settings.dropout == 0.1
+    with pytest.raises(ValueError, match="dropout must be a probability"):
+        layer.dropout = 1.5
+    with pytest.raises(TypeError, match="settings must be a BlockSettings or a ResLoRAConfig, got dict"):
+        FusedResLoRALinear(4, 4, settings={"rank": 2})
 
 
 @pytest.mark.parametrize("mode", ["none", "is", "bs", "ms"])
@@ -155,7 +188,7 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="floating-point"):
         layer(torch.ones(3, 8, dtype=torch.int64))
     # A rejected input leaves the chain's stash untouched.
-    assert getattr(layer.chain._local, "current", None) is None
+    assert layer.chain._eager.current is None
 
 
 def test_norm_statistics_ring_buffer():
@@ -165,26 +198,25 @@ def test_norm_statistics_ring_buffer():
         x = torch.randn(4, 6, dtype=torch.float64) * (step + 1)
         layer(x)
         norms.append(float(x.norm()))
-    assert int(layer.norm_count) == 5
-    assert layer.recorded_norm_mean() == pytest.approx(sum(norms[-3:]) / 3, rel=1e-6)
+    assert int(layer.statistics.norm_count) == 5
+    assert layer.statistics.mean_norm() == pytest.approx(sum(norms[-3:]) / 3, rel=1e-6)
     layer.eval()
     layer(torch.randn(4, 6, dtype=torch.float64))
-    assert int(layer.norm_count) == 5, "eval forwards are not recorded"
+    assert int(layer.statistics.norm_count) == 5, "eval forwards are not recorded"
     ms = FusedResLoRALinear(6, 6, dtype=torch.float64, mode="ms")
     x = torch.randn(4, 6, dtype=torch.float64)
     ms(x)
-    assert ms.recorded_norm_mean() == pytest.approx(float((x @ ms.lora_A.T).detach().norm()), rel=1e-6)
-    with pytest.raises(ValueError, match="records no norm statistics"):
-        FusedResLoRALinear(6, 6, mode="bs").recorded_norm_mean()
+    assert ms.statistics.mean_norm() == pytest.approx(float((x @ ms.lora_A.T).detach().norm()), rel=1e-6)
+    assert FusedResLoRALinear(6, 6, mode="bs").statistics is None, "bs records no norm statistics"
 
 
 def test_statistics_stay_float32_when_the_model_is_cast():
     layer = FusedResLoRALinear(8, 8, mode="is").half()
     assert layer.weight.dtype == layer.lora_A.dtype == torch.float16
-    assert layer.norm_sq_window.dtype == torch.float32 and layer.norm_count.dtype == torch.int64
+    assert layer.statistics.norm_sq_window.dtype == torch.float32 and layer.statistics.norm_count.dtype == torch.int64
     x = torch.full((64, 8), 100.0, dtype=torch.float16)  # ||x||^2 = 5.12e6: inf in float16
     layer(x)
-    assert layer.recorded_norm_mean() == pytest.approx(float(x.float().norm()), rel=1e-3)
+    assert layer.statistics.mean_norm() == pytest.approx(float(x.float().norm()), rel=1e-3)
 
 
 @pytest.mark.parametrize("mode", ["is", "ms"])
@@ -194,9 +226,9 @@ def test_recording_never_reads_device_values(mode):
     model = ToyStack(3, 6, mode, dtype=torch.float32, device="meta").train()
     model(torch.randn(4, 6, device="meta"))
     for block in model.blocks:
-        assert block.norm_count.device.type == "meta"
+        assert block.statistics.norm_count.device.type == "meta"
     with pytest.raises(RuntimeError, match="meta tensors"):
-        int(model.blocks[0].norm_count)  # the guard itself works
+        int(model.blocks[0].statistics.norm_count)  # the guard itself works
 
 
 def test_dropout_train_eval_and_statistics():

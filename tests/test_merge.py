@@ -110,7 +110,7 @@ def test_zero_statistics_count_as_one():
         model.blocks[1].lora_A.zero_()  # z_1 = 0: its norm statistic is zero
     model(torch.randn(4, 8, dtype=torch.float64))
     params = oracle_params(model)
-    nu = [model.blocks[n].recorded_norm_mean() for n in range(3)]
+    nu = [model.blocks[n].statistics.mean_norm() for n in range(3)]
     assert nu[1] == 0.0 and nu[0] > 0 and nu[2] > 0
     # a_1 = nu_0 / nu_1 has a zero denominator: 1. a_2 = nu_0 / nu_2 + nu_1 / nu_2 = nu_0 / nu_2 + 1.
     a = [0.0, 1.0, nu[0] / nu[2] + 1.0]
@@ -155,7 +155,7 @@ def test_tied_weight_refuses_to_merge():
     model = nn.ModuleDict({"embed": nn.Embedding(6, 4), "head": nn.Linear(4, 6, bias=False)})
     model["head"].weight = model["embed"].weight
     apply_reslora(model, ResLoRAConfig(mode="none", target_modules=["head"]))
-    with pytest.raises(ValueError, match=r"head.weight is tied to embed.weight"):
+    with pytest.raises(ValueError, match=r"head.base_layer.weight is tied to embed.weight"):
         merge_and_unload(model)
 
 

@@ -10,7 +10,7 @@ import torch.nn as nn
 from conftest import rel_err
 from oracle import block_output
 
-from reslora_kernels import FusedResLoRAConv1D, FusedResLoRALinear, ResLoRAConfig, apply_reslora, reslora_summary
+from reslora_kernels import FusedResLoRALinear, ResLoRAConfig, apply_reslora, reslora_summary
 
 transformers = pytest.importorskip("transformers")
 
@@ -73,7 +73,7 @@ def oracle_model(base, model, config):
             leaves[name] = (A, B)
             linear = base.get_submodule(name)
             # A Conv1D base (GPT-2) stores its weight [in, out]; the formulas take [out, in].
-            weight = linear.weight.t() if isinstance(mod, FusedResLoRAConv1D) else linear.weight
+            weight = linear.weight if isinstance(linear, nn.Linear) else linear.weight.t()
             params.append((weight, linear.bias, A, B))
         state = {"xs": [], "zs": []}
         for n, (name, _) in enumerate(members):

@@ -26,11 +26,11 @@ def test_a_non_finite_norm_is_counted_not_recorded(mode, bad):
         model(x)
         recorded = x if mode == "is" else x @ block.lora_A.detach().T
         norms.append(float(recorded.norm()))
-    assert int(block.norm_count) == 4 and int(block.norm_nonfinite) == 1
+    assert int(block.statistics.norm_count) == 4 and int(block.statistics.norm_nonfinite) == 1
     # The ring buffer holds the last three finite norms: steps 1, 2 and 4 (step 3 took no slot).
     finite = [n for n in norms if math.isfinite(n)]
-    assert block.recorded_norm_mean() == pytest.approx(sum(finite[-3:]) / 3, rel=1e-6)
-    assert torch.isfinite(block.norm_sq_window).all()
+    assert block.statistics.mean_norm() == pytest.approx(sum(finite[-3:]) / 3, rel=1e-6)
+    assert torch.isfinite(block.statistics.norm_sq_window).all()
 
 
 def test_recording_runs_on_the_triton_interpreter_too(monkeypatch):
@@ -42,8 +42,8 @@ def test_recording_runs_on_the_triton_interpreter_too(monkeypatch):
     bad[0, 0] = float("inf")
     model(bad)
     block = model.blocks[0]
-    assert (int(block.norm_count), int(block.norm_nonfinite)) == (1, 1)
-    assert float(block.norm_sq_window[0]) == pytest.approx(float(x.norm() ** 2), rel=1e-5)
+    assert (int(block.statistics.norm_count), int(block.statistics.norm_nonfinite)) == (1, 1)
+    assert float(block.statistics.norm_sq_window[0]) == pytest.approx(float(x.norm() ** 2), rel=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["is", "ms"])
@@ -80,5 +80,5 @@ def test_zero_norms_are_recorded_and_skipped_by_the_mean():
     model(torch.zeros(2, 6, dtype=torch.float64))
     x = torch.randn(2, 6, dtype=torch.float64)
     model(x)
-    assert (int(block.norm_count), int(block.norm_nonfinite)) == (2, 0)
-    assert block.recorded_norm_mean() == pytest.approx(float(x.norm()), rel=1e-6)
+    assert (int(block.statistics.norm_count), int(block.statistics.norm_nonfinite)) == (2, 0)
+    assert block.statistics.mean_norm() == pytest.approx(float(x.norm()), rel=1e-6)

@@ -75,14 +75,14 @@ def test_a_pass_is_released_once_backward_has_passed_it(mode):
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     ys = model(x)
     loss = sum(y.sum() for y in ys)
-    (pending,) = list(chain._awaiting_backward)
+    (pending,) = list(chain._recomputed.awaiting)
     assert pending.records and not pending.released
     loss.backward()
     # The loss (and so the graph) is still referenced, but nothing of the pass is.
     assert pending.released and not pending.records
     del ys, loss, pending
     gc.collect()
-    assert not list(chain._awaiting_backward)
+    assert not list(chain._recomputed.awaiting)
 
 
 @pytest.mark.parametrize("mode", ["is", "ms"])
@@ -256,7 +256,7 @@ def test_what_a_checkpointed_pass_keeps(mode, pre_num):
     for block in model.blocks:
         block.register_forward_pre_hook(lambda mod, args: inputs.append(args[0]))
     ys = model(torch.randn(rows, features, dtype=torch.float64, requires_grad=True))
-    (pending,) = list(model.blocks[0].chain._awaiting_backward)
+    (pending,) = list(model.blocks[0].chain._recomputed.awaiting)
     assert sorted(pending.records) == list(range(length - 1))
     for n, kept in pending.records.items():
         if mode == "is":
@@ -289,8 +289,8 @@ def test_a_bad_backend_setting_raises_before_the_pass_changes(monkeypatch):
     model = ToyStack(2, 6, "is")
     x = torch.randn(2, 6, dtype=torch.float64)
     model.blocks[0](x)
-    pending = model.blocks[0].chain._local.current
+    pending = model.blocks[0].chain._eager.current
     monkeypatch.setenv("RESLORA_BACKEND", "bogus")
     with pytest.raises(ValueError, match="RESLORA_BACKEND='bogus'"):
         model.blocks[0](x)
-    assert model.blocks[0].chain._local.current is pending
+    assert model.blocks[0].chain._eager.current is pending

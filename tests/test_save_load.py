@@ -89,3 +89,40 @@ def test_hand_linked_chain_round_trip(tmp_path):
     link_chain(fresh_layers, name="mine")
     load_reslora(fresh, tmp_path)
     assert all(torch.equal(a.lora_B, b.lora_B) for a, b in zip(layers, fresh_layers))
+
+
+def test_resume_from_a_full_checkpoint(tmp_path):
+    """A whole-model checkpoint (Trainer's, torch.save of the state dict) of a ResLoRA model holds
+    the base weights under ``<module>.base_layer.weight`` (as PEFT's do) beside the adapters and
+    statistics, and loads strictly into the same base with ResLoRA applied: training resumes as if
+    never stopped."""
+    config = ResLoRAConfig(mode="is", rank=4, alpha=8, target_modules=LLAMA_TARGETS, norm_window=4)
+    torch.manual_seed(2)
+    model = apply_reslora(tiny_llama(torch.float32), config)
+    randomize_adapters(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    ids = torch.randint(0, 64, (2, 6))
+
+    def step(model, opt):
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    step(model, opt)
+    state = model.state_dict()
+    assert "model.layers.0.self_attn.q_proj.base_layer.weight" in state
+    assert "model.layers.0.self_attn.q_proj.weight" not in state
+    assert "model.layers.0.self_attn.q_proj.statistics.norm_count" in state
+    torch.save({"model": state, "opt": opt.state_dict()}, tmp_path / "checkpoint.pt")
+
+    torch.manual_seed(3)  # another base: every value must come from the checkpoint
+    resumed = apply_reslora(tiny_llama(torch.float32), config)
+    checkpoint = torch.load(tmp_path / "checkpoint.pt")
+    resumed.load_state_dict(checkpoint["model"], strict=True)
+    resumed_opt = torch.optim.SGD([p for p in resumed.parameters() if p.requires_grad], lr=0.1)
+    resumed_opt.load_state_dict(checkpoint["opt"])
+    step(model, opt)
+    step(resumed, resumed_opt)
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name

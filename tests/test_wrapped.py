@@ -189,8 +189,8 @@ def _meta_model():
 def test_to_empty_alone_gives_empty_statistics(poison_empty):
     model = _meta_model().to_empty(device="cpu")  # every value poisoned: NaN floats, -1 ints
     for block in (m for m in model.modules() if isinstance(m, FusedResLoRALinear)):
-        assert int(block.norm_count) == 0 and int(block.norm_nonfinite) == 0
-        assert torch.equal(block.norm_sq_window, torch.zeros_like(block.norm_sq_window))
+        assert int(block.statistics.norm_count) == 0 and int(block.statistics.norm_nonfinite) == 0
+        assert torch.equal(block.statistics.norm_sq_window, torch.zeros_like(block.statistics.norm_sq_window))
         assert block.lora_A.isnan().all()  # parameters are still for reset_parameters to set
 
 
@@ -198,12 +198,12 @@ def test_meta_init_materialise_train_merge(poison_empty):
     model = _meta_model().to_empty(device="cpu")
     with torch.no_grad():
         for block in (m for m in model.modules() if isinstance(m, FusedResLoRALinear)):
-            block.norm_count.fill_(123456)  # garbage a reset must clear too
+            block.statistics.norm_count.fill_(123456)  # garbage a reset must clear too
     for module in model.modules():
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
     blocks = [m for m in model.modules() if isinstance(m, FusedResLoRALinear)]
-    assert all(int(b.norm_count) == 0 and not b.norm_sq_window.any() for b in blocks)
+    assert all(int(b.statistics.norm_count) == 0 and not b.statistics.norm_sq_window.any() for b in blocks)
     assert all(torch.isfinite(b.lora_A).all() and not b.lora_B.any() for b in blocks)
     with pytest.warns(UserWarning, match="no training forward recorded norm statistics"):
         merge_report(model, [PROBE], ["input_norm"])
@@ -212,7 +212,7 @@ def test_meta_init_materialise_train_merge(poison_empty):
     twin.load_state_dict(model.state_dict())
     train(model, seed=11, steps=3)
     train(twin, seed=11, steps=3)
-    assert all(int(b.norm_count) == 3 for b in blocks)
+    assert all(int(b.statistics.norm_count) == 3 for b in blocks)
     merge_and_unload(model)
     merge_and_unload(twin)
     for (name, a), b in zip(model.named_parameters(), twin.parameters()):

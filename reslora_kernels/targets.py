@@ -1,0 +1,179 @@
+"""Which modules of a model become ResLoRA blocks: names, a regex, all-linear or the defaults of
+the model type, and whether each chosen module can be a block's base at all."""
+
+from __future__ import annotations
+
+import re
+import sys
+import warnings
+from collections import defaultdict
+
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from .base_layers import is_conv1d, is_linear
+from .chaining import chain_key
+from .config import ResLoRAConfig
+from .layer import FusedResLoRALinear
+from .model_utils import clean_name
+
+__all__ = ["ALL_LINEAR", "DEFAULT_TARGET_MODULES"]
+
+#: ``target_modules`` shorthand for every linear layer (``nn.Linear`` and transformers' ``Conv1D``)
+#: but the model's output head, as PEFT means it (peft/tuners/tuners_utils.py,
+#: ``_maybe_include_all_linear_layers``).
+ALL_LINEAR = "all-linear"
+
+#: Targets used when ``target_modules`` is omitted, by ``model.config.model_type``: the attention
+#: query and value projections, the choice of PEFT's ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``
+#: (peft/utils/constants.py, checked against peft 0.21) for the same families.
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "gemma", "gemma2", "bart"), ["q_proj", "v_proj"]),
+    "gpt2": ["c_attn"],
+    **dict.fromkeys(("bert", "roberta"), ["query", "value"]),
+    "t5": ["q", "v"],
+}
+
+#: (every name the module has in the model, the module), in model order.
+Targets = list[tuple[list[str], nn.Module]]
+
+
+def matches(targets: str | list[str], module_name: str) -> bool:
+    """Whether ``module_name`` (a full dotted name) is one of ``targets``: a list of names (equal,
+    or ending with ``"." + name``) or a regex that must match the whole name."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module_name) is not None
+    return any(module_name == t or module_name.endswith("." + t) for t in targets)
+
+
+def linear_patterns(model: nn.Module) -> list[str]:
+    """The model's linear layers, numeric name parts as ``*``, for error messages."""
+    return list(dict.fromkeys(chain_key(name) for name, mod in model.named_modules() if is_linear(mod)))
+
+
+def resolve_targets(model: nn.Module, config: ResLoRAConfig) -> tuple[str | list[str], str]:
+    """``(targets, how)``: what ``config.target_modules`` means for ``model`` (a list of names or
+    a regex; for ``"all-linear"`` the list of every linear layer but the output head) and a
+    description of where it came from."""
+    targets = config.target_modules
+    if targets == ALL_LINEAR:
+        # PEFT's meaning: every nn.Linear / Conv1D but the output head (get_output_embeddings).
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        names = [name for name, mod in model.named_modules() if name and is_linear(mod) and mod is not head]
+        return names, "all-linear: every linear layer but the output head"
+    if targets is not None:
+        return targets, "target_modules"
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGET_MODULES:
+        return DEFAULT_TARGET_MODULES[model_type], f"the default for model_type {model_type!r}"
+    raise ValueError(
+        f"ResLoRAConfig.target_modules is not set and model_type {model_type!r} has no default targets "
+        f"(defaults exist for {', '.join(sorted(DEFAULT_TARGET_MODULES))}); the model's linear layers are: "
+        + ", ".join(linear_patterns(model))
+    )
+
+
+def describe_targets(model: nn.Module) -> str:
+    """Which targets chose the blocks of ``model`` and where they came from ("" for blocks built by
+    hand), for :func:`reslora_kernels.reslora_summary`."""
+    config = vars(model).get("reslora_config")
+    if config is None:
+        return ""
+    if config.target_modules == ALL_LINEAR:
+        return "all-linear (every linear layer but the output head)"
+    if config.target_modules is not None:
+        return f"{config.target_modules!r}"
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return f"{DEFAULT_TARGET_MODULES.get(model_type)!r} (the default for model_type {model_type!r})"
+
+
+def base_layer_problem(name: str, module: nn.Module) -> str | None:
+    """Why ``module`` cannot become a ResLoRA block (``None``: it can). The block computes
+    ``x W^T + b`` plus the LoRA branch from the module's weight and bias without running its
+    forward, so anything the module does beyond that would be lost silently: such modules are
+    refused."""
+    if isinstance(module, FusedResLoRALinear):
+        return f"{name} is already a ResLoRA layer"
+    conv = is_conv1d(module)
+    if not isinstance(module, nn.Linear) and not conv:
+        return f"{name} is a {type(module).__name__}, not an nn.Linear or a transformers Conv1D"
+    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return (
+            f"{name} is the output projection of an nn.MultiheadAttention, which reads its weight "
+            "directly and never calls its forward: a LoRA there would be ignored. Exclude it from target_modules"
+        )
+    if parametrize.is_parametrized(module):
+        return (
+            f"{name} is parametrized (torch.nn.utils.parametrize, e.g. weight_norm): its weight is computed "
+            "on every forward. Remove the parametrization (parametrize.remove_parametrizations) first"
+        )
+    base_forward = sys.modules["transformers.pytorch_utils"].Conv1D.forward if conv else nn.Linear.forward
+    if type(module).forward is not base_forward or "forward" in vars(module):
+        return f"{name} ({type(module).__name__}) has a forward of its own, which a ResLoRA layer would not run"
+    hooks = [
+        kind
+        for kind in ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+        if getattr(module, kind, None)
+    ]
+    if hooks:
+        return f"{name} has module hooks ({', '.join(hooks)}), which the ResLoRA layer replacing it would not run"
+    if not isinstance(module.weight, nn.Parameter) or not module.weight.is_floating_point():
+        weight = module.weight
+        return f"{name}.weight is a {type(weight).__name__} of {weight.dtype}, not a floating-point Parameter"
+    return None
+
+
+def module_names(model: nn.Module) -> dict[int, list[str]]:
+    """``id(module)`` -> every name it has in ``model`` (a module reachable under two names must be
+    replaced under both)."""
+    names: dict[int, list[str]] = defaultdict(list)
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if name:
+            names[id(mod)].append(name)
+    return names
+
+
+def matched_targets(model: nn.Module, names: dict[int, list[str]], config: ResLoRAConfig) -> Targets:
+    """The modules ``config.target_modules`` chooses, checked (``all-linear`` leaves out, with a
+    warning, what it cannot adapt; any other choice raises on it)."""
+    wanted, how = resolve_targets(model, config)
+    lenient = config.target_modules == ALL_LINEAR
+    targets: Targets = []
+    skipped: list[str] = []
+    seen: set[int] = set()
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if not name or id(mod) in seen or not is_linear(mod) or not matches(wanted, name):
+            continue
+        seen.add(id(mod))
+        problem = base_layer_problem(name, mod)
+        if problem is not None and lenient:
+            skipped.append(problem)  # all-linear takes what it can, and says what it left
+            continue
+        if problem is not None:
+            raise ValueError(problem)
+        targets.append((names[id(mod)], mod))
+    if skipped:
+        warnings.warn("ResLoRA all-linear leaves out: " + "; ".join(skipped), UserWarning, stacklevel=4)
+    if not targets:
+        raise ValueError(
+            f"no linear layer (nn.Linear or Conv1D) in the model matches target_modules={wanted!r} ({how}); "
+            f"its linear layers are: {', '.join(linear_patterns(model)) or '(none)'}"
+        )
+    return targets
+
+
+def named_targets(model: nn.Module, names: dict[int, list[str]], block_names: list[str]) -> Targets:
+    """Exactly the modules named ``block_names`` (names in the bare model), checked."""
+    modules = {clean_name(name): mod for name, mod in model.named_modules(remove_duplicate=False)}
+    targets = []
+    for name in block_names:
+        mod = modules.get(name) if name else None
+        if mod is None:
+            raise ValueError(f"the model has no module {name!r}")
+        problem = base_layer_problem(name, mod)
+        if problem is not None:
+            raise ValueError(problem)
+        if clean_name(names[id(mod)][0]) != name:
+            raise ValueError(f"{name} is the module {clean_name(names[id(mod)][0])} under a second name")
+        targets.append((names[id(mod)], mod))
+    return targets
