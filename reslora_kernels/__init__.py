@@ -1,7 +1,7 @@
 """reslora_kernels: fused ResLoRA (residual LoRA) training, merging and export for PyTorch."""
 
 from .apply import ResLoRASummary, apply_reslora, chain_key, reslora_blocks, reslora_summary
-from .backend import backend_choices, backend_report
+from .backend import FusedBackendFailure, backend_choices, backend_report
 from .chain import ChainOrderError, ResLoRAChain, link_chain
 from .config import ALL_LINEAR, DEFAULT_TARGET_MODULES, MODES, ResLoRAConfig
 from .functional import fold_lora_, fold_report, reslora_linear, resolve_backend
@@ -39,4 +39,5 @@ __all__ = [
     "resolve_backend",
     "backend_report",
     "backend_choices",
+    "FusedBackendFailure",
 ]
