@@ -49,7 +49,10 @@ __all__ = [
     "LaunchRejected",
     "TensorMap",
     "KernelLaunch",
+    "LoadedKernel",
     "Compile",
+    "Benchmark",
+    "made_up_time",
     "SimulatedDriver",
     "FakeGPU",
     "fake_gpu",
@@ -274,7 +277,7 @@ def _c_int(value, bits: int, signed: bool, what: str) -> int:
             raise TypeError(f"{what} must be an integer, got {type(value).__name__}") from None
     low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     if not low <= int(value) <= high:
-        raise OverflowError(f"{what} = {value} does not fit the kernel's {'' if signed else 'u'}int{bits}")
+        raise OverflowError(f"{what} = {value} does not fit in {'' if signed else 'u'}int{bits}")
     return int(value)
 
 
@@ -423,6 +426,8 @@ class _GeneratedLauncher:
 
     def launch(self, *args):
         base, rest = args[: len(_BASE_FORMAT)], args[len(_BASE_FORMAT) :]
+        if len(base) == len(_BASE_FORMAT):  # the grid, named as Triton 3.9's launcher names it
+            base = tuple(_c_int(g, 32, True, "grid") for g in base[:3]) + tuple(base[3:])
         parsed: list = []
         _parse_args(_format_units(_BASE_FORMAT), base, parsed, "launch argument")
         kernel_values: list = []
@@ -465,6 +470,12 @@ class FakeUtils(SimulatedUtils):
     def __init__(self, gpu: FakeGPU) -> None:
         super().__init__(gpu.target)
         self.gpu = gpu
+
+    def load_binary(self, name, kernel, shared, device):
+        module, function, registers, spills, max_threads = super().load_binary(name, kernel, shared, device)
+        if self.gpu.spills is not None:  # a test decides what the driver reports
+            spills = self.loaded[function].spills = int(self.gpu.spills(self.loaded[function]))
+        return module, function, registers, spills, max_threads
 
     def fill_tma_descriptor_tiled(self, address, swizzle, elem_size, elem_type, box, shape, strides, padding):
         return self.gpu.encode_tiled(address, swizzle, elem_size, elem_type, box, shape, strides, padding)
@@ -544,22 +555,32 @@ _DEVICE_IDS = itertools.count(1000)
 class FakeGPU(SimulatedDriver):
     """The active Triton driver of :func:`fake_gpu`: Triton's launcher over a fake ``libcuda``.
 
-    Records ``launches`` (accepted), ``empty_launches`` (grids with no program, which Triton's
-    launchers skip), ``compiles`` (Triton's in-memory cache misses), ``tensor_maps`` and
-    ``benchmarks``. Each instance is a new device id, so Triton's in-memory compile cache starts
-    empty as in a fresh process (the disk cache still serves builds)."""
+    Records ``launches`` (accepted; those made while benchmarking go to ``benchmarks``),
+    ``empty_launches`` (grids with no program, which Triton's launchers skip), ``compiles`` (Triton's
+    in-memory cache misses) and ``tensor_maps``. Each instance is a new device id, so Triton's
+    in-memory compile cache starts
+    empty as in a fresh process (the disk cache still serves builds). ``timing(launches) -> ms``
+    makes up the benchmarker's times (default :func:`made_up_time`); ``spills(loaded) -> words``,
+    when given, replaces the spills the driver reports for a loaded binary."""
 
-    def __init__(self, target: Target, timing: Callable[[list[KernelLaunch]], float] | None = None) -> None:
+    def __init__(
+        self,
+        target: Target,
+        timing: Callable[[list[KernelLaunch]], float] | None = None,
+        spills: Callable[[LoadedKernel], int] | None = None,
+    ) -> None:
         super().__init__(target, device=next(_DEVICE_IDS))
         self.utils = FakeUtils(self)
         self.launcher_cls = _RecordingLauncher
         self.timing = timing or made_up_time
+        self.spills = spills
         self.launches: list[KernelLaunch] = []
         self.empty_launches: list[tuple] = []
         self.tensor_maps: list[TensorMap] = []
         self.compiles: list[Compile] = []
         self.benchmarks: list[Benchmark] = []
         self.scratch_needs: dict[int, tuple[int, int, int]] = {}
+        self._sink: list | None = None  # where launches go while the benchmarker runs
         self._built: dict[int, object] = {}  # id -> JITFunction that compiled on this device
 
     def get_active_torch_device(self) -> torch.device:
@@ -570,9 +591,12 @@ class FakeGPU(SimulatedDriver):
 
     def benchmark(self, kernel_call, quantiles=None, **kwargs):
         """Triton's ``do_bench`` contract: run the call (once), return a time per quantile."""
-        first = len(self.launches)
-        kernel_call()
-        ran = self.launches[first:]
+        ran: list[KernelLaunch] = []
+        outer, self._sink = self._sink, ran
+        try:
+            kernel_call()
+        finally:
+            self._sink = outer
         ms = float(self.timing(ran))
         self.benchmarks.append(Benchmark(ran, ms))
         return [ms] * len(quantiles) if quantiles else ms
@@ -654,7 +678,8 @@ class FakeGPU(SimulatedDriver):
             )
         if profile and not profile_scratch:
             raise LaunchRejected(f"{name}: needs {profile} B of profile scratch per program and got a null pointer")
-        self.launches.append(KernelLaunch(name, tuple(grid), num_warps, num_ctas, shared, list(params), global_scratch))
+        launch = KernelLaunch(name, tuple(grid), num_warps, num_ctas, shared, list(params), global_scratch)
+        (self.launches if self._sink is None else self._sink).append(launch)
 
     # ---------------------------------------------------------------- Triton 3.6's C toolchain
     def compile_launcher_module(self, src, name, library_dirs=None, include_dirs=None, libraries=None, ccflags=None):
@@ -720,14 +745,18 @@ def _libcuda_stand_ins(gpu: FakeGPU) -> dict:
 
 
 @contextlib.contextmanager
-def fake_gpu(target: Target, timing: Callable[[list[KernelLaunch]], float] | None = None) -> Iterator[FakeGPU]:
-    """Make a fake ``target`` GPU Triton's active driver, and plan every launch for it
-    (:func:`reslora_kernels.ops.simulate`). Autotuning starts afresh on entry and is forgotten on
-    exit; ``timing(launches) -> ms`` makes up the benchmarker's times (default :func:`made_up_time`).
-    The kernels must have been built for a GPU (``TRITON_INTERPRET`` unset at import)."""
+def fake_gpu(
+    target: Target,
+    timing: Callable[[list[KernelLaunch]], float] | None = None,
+    spills: Callable[[LoadedKernel], int] | None = None,
+) -> Iterator[FakeGPU]:
+    """Make a fake ``target`` GPU (:class:`FakeGPU`) Triton's active driver, and plan every launch
+    for it (:func:`reslora_kernels.ops.simulate`). Autotuning starts afresh on entry and is
+    forgotten on exit. The kernels must have been built for a GPU (``TRITON_INTERPRET`` unset
+    when reslora_kernels was imported)."""
     if _target.INTERPRETED:
         raise RuntimeError("the fake GPU launches real builds: import reslora_kernels with TRITON_INTERPRET unset")
-    gpu = FakeGPU(target, timing)
+    gpu = FakeGPU(target, timing, spills)
     with contextlib.ExitStack() as stack:
         stack.enter_context(_patched(nvidia, **_libcuda_stand_ins(gpu)))
         stack.enter_context(_patched(triton.runtime.driver, _active=gpu))
