@@ -231,6 +231,23 @@ def test_disk_cache(timed_cpu, monkeypatch, tmp_path):
     assert "(disk cache)" in backend_report() and str(path) in backend_report()
 
 
+def test_a_fused_failure_from_the_disk_cache_warns(timed_cpu, monkeypatch, tmp_path):
+    """A choice another process made because fused failed is no quieter when it is loaded."""
+    path = tmp_path / "autotune.json"
+    monkeypatch.setenv("RESLORA_AUTOTUNE_CACHE", str(path))
+    timed_cpu(fused=1.0, composed=2.0)
+    monkeypatch.setattr(backend, "_fused_impl", lambda: _failing_launch)
+    with pytest.warns(FusedBackendFailure):
+        block()(torch.randn(5, 24, requires_grad=True))
+    monkeypatch.undo()
+    monkeypatch.setenv("RESLORA_AUTOTUNE_CACHE", str(path))
+    monkeypatch.setattr(backend, "TIMED_DEVICE_TYPES", ("cuda", "cpu"))
+    timer = timed_cpu(fused=1.0, composed=2.0)
+    with pytest.warns(FusedBackendFailure, match="no kernel config fits"):
+        assert grad_fn_of(block(), torch.randn(6, 24, requires_grad=True)) == GRAD_FNS["composed"]
+    assert timer.calls == []
+
+
 def test_report_on_cpu():
     text = backend_report()
     assert text.startswith("RESLORA_BACKEND='' -> auto")

@@ -1,5 +1,7 @@
-"""What the launchers plan for, and how they launch: the target GPU, launch capture, and the
-per-target config pruning every autotuned kernel uses (fits shared memory, does not spill).
+"""What the launchers plan for, and how they launch: the target GPU, launch capture, the
+per-target config pruning every autotuned kernel uses (fits shared memory, does not spill), and
+``RESLORA_TUNE`` (``autotune``: Triton's autotuner over the pruned configs; ``pinned``: the first
+config that fits, no timing).
 
 Launchers never query the device directly: they ask :func:`target_of` for the compute capability,
 the streaming-multiprocessor count and the shared memory a block may use, and they launch through
