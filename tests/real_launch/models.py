@@ -1,4 +1,10 @@
-"""What the fake-GPU tests run: a small model, the precisions, and the kernels each phase launches."""
+"""What the fake-GPU tests run: a small model, the precisions, and the kernels each phase launches.
+
+The tests of this folder need the kernels built for a GPU, so they run in a process of their own
+with ``TRITON_INTERPRET=0`` (tests/test_real_launch.py starts it; by hand:
+``TRITON_INTERPRET=0 python -m pytest tests/real_launch``); the rest of the suite builds the kernels
+for Triton's interpreter and does not collect them (tests/conftest.py).
+"""
 
 import torch
 import torch.nn as nn
