@@ -9,7 +9,7 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# tests/real_launch/ runs kernels built for a GPU on a fake one: where this session builds them for
+# tests/real_launch/ runs kernels built for a GPU on a fake one: where this run builds them for
 # the interpreter, tests/test_real_launch.py runs those tests in processes of their own.
 collect_ignore_glob = ["real_launch/*"] if os.environ.get("TRITON_INTERPRET") == "1" else []
 

@@ -59,7 +59,7 @@ def test_fake_gpu_suites(tmp_path):
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.skipif(not _target.INTERPRETED, reason="this session builds the kernels for a GPU")
+@pytest.mark.skipif(not _target.INTERPRETED, reason="this run builds the kernels for a GPU")
 def test_fake_gpu_refuses_interpreter_builds():
     """This process builds for the interpreter: a fake GPU here would launch nothing real."""
     from reslora_kernels.testing.fake_gpu import fake_gpu

@@ -122,7 +122,7 @@ def uses_tma(target: Target) -> bool:
 TUNE_ENV = "RESLORA_TUNE"
 #: ``autotune`` (default): every config that fits is built and timed at a key's first launch, as
 #: Triton's autotuner does. ``pinned``: the first config of the table that fits the target without
-#: spilling is built and launched, nothing is timed: predictable first calls, short GPU sessions.
+#: spilling is built and launched, nothing is timed: predictable first calls, short GPU runs.
 TUNE_MODES = ("autotune", "pinned")
 
 
