@@ -32,7 +32,7 @@ from ._jit import grouped_tile, lora_grad_tile, tile_ptrs
 from ._target import autotune, launch, target_of, uses_tma
 from .dropout import dropout_args
 
-KEY = ["M_BUCKET", "N", "K", "R_BUCKET", "BLOCK_R", "DROPOUT", "STORE_PREV", "DOT_PRECISION"]
+KEY = ["M_BUCKET", "N", "K", "R_BUCKET", "BLOCK_R", "ONE_RANK_TILE", "DROPOUT", "STORE_PREV", "DOT_PRECISION"]
 
 
 @triton.jit
@@ -72,6 +72,7 @@ def _linear_lora_dx_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    ONE_RANK_TILE: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_K] tile of dx: the rank loop of v, then the N loop of grad_out W."""
@@ -84,6 +85,7 @@ def _linear_lora_dx_kernel(
         g_ptr, a_ptr, offs_m, offs_k, M, K, R, stride_gm, stride_gr, stride_ar, stride_ak,
         seed, drop_threshold, drop_scale, input_scale,
         DROPOUT=DROPOUT, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
+        ONE_RANK_TILE=ONE_RANK_TILE,
     )  # fmt: skip
     out_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     if STORE_PREV:
@@ -137,29 +139,83 @@ def _linear_lora_dx_tma_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    ONE_RANK_TILE: tl.constexpr,
     GROUP_M: tl.constexpr,
     NUM_SMS: tl.constexpr,
 ):
-    """Persistent: program p computes tiles p, p + NUM_SMS, ... of dx in grouped order."""
+    """Persistent: program p computes tiles p, p + NUM_SMS, ... of dx in grouped order.
+
+    With one rank tile (r <= 64) the tiles and their N loops run as one software-pipelined loop,
+    and the LoRA term of the next tile (g and A loads, the rank dot, the dropout mask, dx_prev)
+    is computed right after this tile's dx store: by then the pipeliner has issued the next
+    tile's first TMA loads, which land while that math runs, and the next tile's accumulator
+    starts from it. (A prologue before each tile's N loop, as the multi-rank-tile schedule below
+    has, runs before the loop's loads are issued; and the compiler's own loop flattening makes
+    the accumulator a branch result, which disables the pipeliner.) Only a program's first tile
+    computes its LoRA term before any load."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_k = tl.cdiv(K, BLOCK_K)
+    num_tiles = num_m * num_k
     seed = tl.load(seed_ptr) if DROPOUT else 0
-    for tile in tl.range(tl.program_id(0), num_m * num_k, NUM_SMS, flatten=True):
-        pid_m, pid_k = grouped_tile(tile, num_m, num_k, GROUP_M)
-        off_m = pid_m * BLOCK_M
-        off_k = pid_k * BLOCK_K
-        acc = lora_grad_tile(
-            g_ptr, a_ptr, off_m + tl.arange(0, BLOCK_M), off_k + tl.arange(0, BLOCK_K), M, K, R,
-            stride_gm, stride_gr, stride_ar, stride_ak, seed, drop_threshold, drop_scale, input_scale,
-            DROPOUT=DROPOUT, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
+    if ONE_RANK_TILE:
+        tile = tl.program_id(0)
+        acc = _dx_lora_term(
+            tile, dx_prev_desc, g_ptr, a_ptr, M, K, R, num_m, num_k, num_tiles, stride_gm, stride_gr, stride_ar, stride_ak, seed,
+            drop_threshold, drop_scale, input_scale, DROPOUT, STORE_PREV, DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R,
+            ONE_RANK_TILE, GROUP_M,
         )  # fmt: skip
-        if STORE_PREV:
-            dx_prev_desc.store([off_m, off_k], acc.to(dx_prev_desc.dtype))
-        for n0 in range(0, N, BLOCK_N):
-            grad_out = grad_out_desc.load([off_m, n0])
-            w = w_desc.load([n0, off_k])  # [BLOCK_N, BLOCK_K]
+        n_iters = tl.cdiv(N, BLOCK_N)
+        for it in range(0, tl.cdiv(num_tiles - tl.program_id(0), NUM_SMS) * n_iters):
+            t = it // n_iters
+            n0 = (it - t * n_iters) * BLOCK_N
+            tile = tl.program_id(0) + t * NUM_SMS
+            pid_m, pid_k = grouped_tile(tile, num_m, num_k, GROUP_M)
+            grad_out = grad_out_desc.load([pid_m * BLOCK_M, n0])
+            w = w_desc.load([n0, pid_k * BLOCK_K])  # [BLOCK_N, BLOCK_K]
             acc = tl.dot(grad_out, w, acc, input_precision=DOT_PRECISION)
-        dx_desc.store([off_m, off_k], acc.to(dx_desc.dtype))
+            if n0 + BLOCK_N >= N:
+                dx_desc.store([pid_m * BLOCK_M, pid_k * BLOCK_K], acc.to(dx_desc.dtype))
+                # Past a program's last tile this computes a term nobody uses (rows past M load
+                # as zeros): guarding it would make the accumulator a nested branch result, which
+                # stops the pipeliner from overlapping consecutive wgmma groups.
+                acc = _dx_lora_term(
+                    tile + NUM_SMS, dx_prev_desc, g_ptr, a_ptr, M, K, R, num_m, num_k, num_tiles, stride_gm,
+                    stride_gr, stride_ar, stride_ak, seed, drop_threshold, drop_scale, input_scale, DROPOUT,
+                    STORE_PREV, DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R, ONE_RANK_TILE, GROUP_M,
+                )  # fmt: skip
+    else:
+        for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS):
+            acc = _dx_lora_term(
+                tile, dx_prev_desc, g_ptr, a_ptr, M, K, R, num_m, num_k, num_tiles, stride_gm, stride_gr, stride_ar, stride_ak,
+                seed, drop_threshold, drop_scale, input_scale, DROPOUT, STORE_PREV, DOT_PRECISION, BLOCK_M, BLOCK_K,
+                BLOCK_R, ONE_RANK_TILE, GROUP_M,
+            )  # fmt: skip
+            pid_m, pid_k = grouped_tile(tile, num_m, num_k, GROUP_M)
+            for n0 in range(0, N, BLOCK_N):
+                grad_out = grad_out_desc.load([pid_m * BLOCK_M, n0])
+                w = w_desc.load([n0, pid_k * BLOCK_K])  # [BLOCK_N, BLOCK_K]
+                acc = tl.dot(grad_out, w, acc, input_precision=DOT_PRECISION)
+            dx_desc.store([pid_m * BLOCK_M, pid_k * BLOCK_K], acc.to(dx_desc.dtype))
+
+
+@triton.jit
+def _dx_lora_term(tile, dx_prev_desc, g_ptr, a_ptr, M, K, R, num_m, num_k, num_tiles, stride_gm, stride_gr, stride_ar, stride_ak,
+                  seed, drop_threshold, drop_scale, input_scale, DROPOUT: tl.constexpr, STORE_PREV: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                  ONE_RANK_TILE: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
+    """``v = s_in drop'(g A)`` of dx tile number ``tile`` (stored as that tile of dx_prev when
+    ``STORE_PREV`` and the tile exists): the initial accumulator of the tile's N loop."""
+    pid_m, pid_k = grouped_tile(tile, num_m, num_k, GROUP_M)
+    v = lora_grad_tile(
+        g_ptr, a_ptr, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_k * BLOCK_K + tl.arange(0, BLOCK_K), M, K, R,
+        stride_gm, stride_gr, stride_ar, stride_ak, seed, drop_threshold, drop_scale, input_scale,
+        DROPOUT=DROPOUT, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
+        ONE_RANK_TILE=ONE_RANK_TILE,
+    )  # fmt: skip
+    if STORE_PREV:
+        if tile < num_tiles:
+            dx_prev_desc.store([pid_m * BLOCK_M, pid_k * BLOCK_K], v.to(dx_prev_desc.dtype))
+    return v
 
 
 def _set_tma_blocks(nargs: dict) -> None:
@@ -228,6 +284,7 @@ def linear_lora_dx(
         STORE_PREV=store_prev,
         DOT_PRECISION=dot_precision(grad_out.dtype),
         BLOCK_R=rank_block(R),
+        ONE_RANK_TILE=R <= rank_block(R),
     )
     prev = dx_prev if dx_prev is not None else dx  # never written unless STORE_PREV
     if uses_tma(target) and aligned(grad_out, weight, dx):

@@ -25,7 +25,7 @@ from ._jit import grouped_tile, lora_up_tile, tile_ptrs
 from ._target import autotune, launch, target_of, uses_tma
 
 # Everything that changes the build (and so what fits) is in the key; shapes by bucket.
-KEY = ["M_BUCKET", "N", "K", "R_BUCKET", "BLOCK_R", "HAS_BIAS", "DOT_PRECISION"]
+KEY = ["M_BUCKET", "N", "K", "R_BUCKET", "BLOCK_R", "ONE_RANK_TILE", "HAS_BIAS", "DOT_PRECISION"]
 
 
 @triton.jit
@@ -59,6 +59,7 @@ def _linear_lora_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    ONE_RANK_TILE: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] tile of y: the K loop of x W^T, then the rank loop of s u B^T."""
@@ -81,7 +82,7 @@ def _linear_lora_fwd_kernel(
         acc = tl.dot(x, w_t, acc, input_precision=DOT_PRECISION)
     acc = lora_up_tile(
         acc, u_ptr, b_ptr, offs_m, offs_n, M, N, R, stride_um, stride_ur, stride_bn, stride_br, scaling,
-        DOT_PRECISION=DOT_PRECISION, BLOCK_R=BLOCK_R,
+        DOT_PRECISION=DOT_PRECISION, BLOCK_R=BLOCK_R, ONE_RANK_TILE=ONE_RANK_TILE,
     )  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
@@ -117,6 +118,7 @@ def _linear_lora_fwd_tma_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    ONE_RANK_TILE: tl.constexpr,
     GROUP_M: tl.constexpr,
     NUM_SMS: tl.constexpr,
 ):
@@ -126,7 +128,9 @@ def _linear_lora_fwd_tma_kernel(
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     # flatten: the compiler pipelines the K loops of consecutive tiles as one loop, so the next
-    # tile's first loads are in flight during this tile's epilogue.
+    # tile's first loads are in flight during this tile's epilogue. It flattens only a body with
+    # one inner loop: with ONE_RANK_TILE (r <= 64) the epilogue has no rank loop; larger ranks
+    # keep it, and the loop nest stays as written.
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
         pid_m, pid_n = grouped_tile(tile, num_m, num_n, GROUP_M)
         off_m = pid_m * BLOCK_M
@@ -140,7 +144,7 @@ def _linear_lora_fwd_tma_kernel(
         offs_n = off_n + tl.arange(0, BLOCK_N)
         acc = lora_up_tile(
             acc, u_ptr, b_ptr, offs_m, offs_n, M, N, R, stride_um, stride_ur, stride_bn, stride_br, scaling,
-            DOT_PRECISION=DOT_PRECISION, BLOCK_R=BLOCK_R,
+            DOT_PRECISION=DOT_PRECISION, BLOCK_R=BLOCK_R, ONE_RANK_TILE=ONE_RANK_TILE,
         )  # fmt: skip
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
@@ -203,6 +207,7 @@ def linear_lora_fwd(
         HAS_BIAS=bias is not None,
         DOT_PRECISION=dot_precision(x.dtype),
         BLOCK_R=rank_block(R),
+        ONE_RANK_TILE=R <= rank_block(R),
     )
     if uses_tma(target) and aligned(x, weight, y):
         # Block shapes are placeholders until the config's pre-hook sets them.

@@ -60,8 +60,14 @@ def _lora_grad_out_kernel(
     g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     if DETERMINISTIC:
         db_ptr += pid_m.to(tl.int64) * N * R
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+    # Each program starts at its own N tile and wraps around: the M-tile programs add into the
+    # same rows of dB, and starting together at n = 0 they would queue on the same addresses.
+    num_n = tl.cdiv(N, BLOCK_N)
+    first = pid_m % num_n
+    for i in range(0, num_n):
+        n_tile = first + i
+        n_tile = tl.where(n_tile >= num_n, n_tile - num_n, n_tile)
+        offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N
         grad_out = tl.load(
             tile_ptrs(grad_out_ptr, offs_m, offs_n, stride_om, stride_on),
@@ -80,7 +86,10 @@ def _lora_grad_out_kernel(
         if DETERMINISTIC:
             tl.store(db_ptrs, db, mask=db_mask)
         else:
-            tl.atomic_add(db_ptrs, db, mask=db_mask)
+            # relaxed: the sums are read only after the kernel ends, so no ordering with other
+            # memory operations is needed, and the default acq_rel costs a fence (MEMBAR.GPU) per
+            # atomic.
+            tl.atomic_add(db_ptrs, db, mask=db_mask, sem="relaxed")
     tl.store(
         tile_ptrs(g_ptr, offs_m, offs_r, stride_gm, stride_gr),
         g * scaling,
