@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ..reference import COLUMN_SALT, MIX_MUL_1, MIX_MUL_2
+from ._common import cdiv
 from ._target import launch
 
 # The hash constants as uint32 constexprs: a bare Python literal above 2^31 - 1 would be typed
@@ -118,7 +119,7 @@ def _write_mask(out: torch.Tensor, p: float, seed: int | torch.Tensor) -> torch.
     if out.numel():
         launch(
             _dropout_mask_kernel,
-            (triton.cdiv(M, MASK_BLOCK_M), triton.cdiv(K, MASK_BLOCK_K)),
+            (cdiv(M, MASK_BLOCK_M), cdiv(K, MASK_BLOCK_K)),
             out_ptr=out,
             seed_ptr=seed_tensor(seed, out.device),
             M=M,

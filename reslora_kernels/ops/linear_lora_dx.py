@@ -16,21 +16,27 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._common import (
+    PlanCache,
     aligned,
+    allow_tf32,
+    cdiv,
     check_2d,
     check_rank_space,
     check_same,
+    descriptor_template,
     dot_precision,
+    fresh_descriptor,
+    next_power_of_2,
     rank_block,
     rank_bucket,
+    tensor_key,
 )
 from ._configs import GEMM, GEMM_TMA, GEMM_UNALIGNED, gemm_configs
 from ._jit import grouped_tile, lora_grad_tile, tile_ptrs
 from ._target import autotune, launch, target_of, uses_tma
-from .dropout import dropout_args
+from .dropout import dropout_args, dropout_threshold
 
 KEY = ["M_BUCKET", "N", "K", "R_BUCKET", "BLOCK_R", "ONE_RANK_TILE", "DROPOUT", "STORE_PREV", "DOT_PRECISION"]
 
@@ -235,6 +241,75 @@ _linear_lora_dx_tma_kernel = autotune(
 )(_linear_lora_dx_tma_kernel)
 
 
+class _Plan:
+    """What every ``linear_lora_dx`` call of one key launches (see ``linear_lora_fwd._Plan``)."""
+
+    __slots__ = ("kernel", "grid", "static", "tma", "grad_out_desc", "w_desc", "dx_desc")
+
+
+_PLANS = PlanCache()
+
+
+def _plan(grad_out, weight, g, lora_A, dx, dx_prev, dropout_p, target) -> _Plan:
+    M, N = grad_out.shape
+    K = weight.shape[1]
+    R = lora_A.shape[0]
+    check_2d("weight", weight, N, K)
+    check_2d("g", g, M, R)
+    check_2d("lora_A", lora_A, R, K)
+    check_same(grad_out, weight=weight, lora_A=lora_A)
+    check_rank_space("g", g, grad_out)
+    plan = _Plan()
+    plan.kernel = None  # nothing to launch: no rows or no input columns
+    if M == 0 or K == 0:
+        return plan
+    threshold, scale = (dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)) if dropout_p > 0.0 else (0, 1.0)
+    plan.static = dict(
+        M=M,
+        N=N,
+        K=K,
+        R=R,
+        M_BUCKET=next_power_of_2(M),
+        R_BUCKET=rank_bucket(R),
+        stride_gm=g.stride(0),
+        stride_gr=g.stride(1),
+        stride_ar=lora_A.stride(0),
+        stride_ak=lora_A.stride(1),
+        drop_threshold=threshold,
+        drop_scale=scale,
+        DROPOUT=dropout_p > 0.0,
+        STORE_PREV=dx_prev is not None,
+        DOT_PRECISION=dot_precision(grad_out.dtype),
+        BLOCK_R=rank_block(R),
+        ONE_RANK_TILE=R <= rank_block(R),
+    )
+    is_aligned = aligned(grad_out, weight, dx, dx_prev)
+    # Tensor descriptors describe no empty dimension: N = 0 (dx = the LoRA term) takes the pointers.
+    plan.tma = uses_tma(target) and is_aligned and N > 0
+    if plan.tma:
+        sms = target.sm_count
+        plan.kernel = _linear_lora_dx_tma_kernel
+        plan.grid = lambda meta: (min(sms, cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"])),)
+        plan.static["NUM_SMS"] = sms
+        plan.grad_out_desc = descriptor_template(grad_out)
+        plan.w_desc = descriptor_template(weight)
+        plan.dx_desc = descriptor_template(dx)  # dx_prev: the same shape, strides and dtype
+        return plan
+    plan.kernel = _linear_lora_dx_kernel if is_aligned else _linear_lora_dx_unaligned_kernel
+    plan.grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]),)
+    plan.static.update(
+        stride_om=grad_out.stride(0),
+        stride_on=grad_out.stride(1),
+        stride_wn=weight.stride(0),
+        stride_wk=weight.stride(1),
+        stride_dm=dx.stride(0),
+        stride_dk=dx.stride(1),
+        stride_pm=dx.stride(0),
+        stride_pk=dx.stride(1),
+    )
+    return plan
+
+
 def linear_lora_dx(
     grad_out: torch.Tensor,
     weight: torch.Tensor,
@@ -249,72 +324,38 @@ def linear_lora_dx(
     """``(dx, dx_prev)`` for 2-D ``grad_out [M, N]`` and the rank-space gradient ``g [M, R]``
     (float32): ``dx_prev = input_scale * drop'(g @ lora_A)`` (returned when ``store_prev``) and
     ``dx = grad_out @ weight + dx_prev``. ``dropout_seed`` is the forward's 0-d int64 seed tensor."""
-    M, N = grad_out.shape
-    K = weight.shape[1]
-    R = lora_A.shape[0]
-    check_2d("weight", weight, N, K)
-    check_2d("g", g, M, R)
-    check_2d("lora_A", lora_A, R, K)
-    check_same(grad_out, weight=weight, lora_A=lora_A)
-    check_rank_space("g", g, grad_out)
-    seed_ptr, threshold, scale = dropout_args(dropout_p, dropout_seed, grad_out)
-    dx = torch.empty((M, K), device=grad_out.device, dtype=grad_out.dtype)
-    dx_prev = torch.empty_like(dx) if store_prev else None
-    if M == 0:
-        return dx, dx_prev
+    seed_ptr = dropout_args(dropout_p, dropout_seed, grad_out)[0]
+    shape = (grad_out.shape[0], weight.shape[-1])
+    dx = torch.empty(shape, device=grad_out.device, dtype=grad_out.dtype)
+    dx_prev = torch.empty(shape, device=grad_out.device, dtype=grad_out.dtype) if store_prev else None
     target = target_of(grad_out.device)
-    common = dict(
-        g_ptr=g,
-        a_ptr=lora_A,
-        seed_ptr=seed_ptr,
-        M=M,
-        N=N,
-        K=K,
-        R=R,
-        M_BUCKET=triton.next_power_of_2(M),
-        R_BUCKET=rank_bucket(R),
-        stride_gm=g.stride(0),
-        stride_gr=g.stride(1),
-        stride_ar=lora_A.stride(0),
-        stride_ak=lora_A.stride(1),
-        drop_threshold=threshold,
-        drop_scale=scale,
-        input_scale=float(input_scale),
-        DROPOUT=dropout_p > 0.0,
-        STORE_PREV=store_prev,
-        DOT_PRECISION=dot_precision(grad_out.dtype),
-        BLOCK_R=rank_block(R),
-        ONE_RANK_TILE=R <= rank_block(R),
+    key = (
+        tensor_key(grad_out),
+        tensor_key(weight),
+        tensor_key(g),
+        tensor_key(lora_A),
+        dx.data_ptr() % 16,
+        None if dx_prev is None else dx_prev.data_ptr() % 16,
+        dropout_p,
+        target,
+        allow_tf32(),
     )
-    prev = dx_prev if dx_prev is not None else dx  # never written unless STORE_PREV
-    if uses_tma(target) and aligned(grad_out, weight, dx):
-        launch(
-            _linear_lora_dx_tma_kernel,
-            lambda meta: (min(target.sm_count, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"])),),
-            grad_out_desc=TensorDescriptor.from_tensor(grad_out, [16, 16]),
-            w_desc=TensorDescriptor.from_tensor(weight, [16, 16]),
-            dx_desc=TensorDescriptor.from_tensor(dx, [16, 16]),
-            dx_prev_desc=TensorDescriptor.from_tensor(prev, [16, 16]),
-            NUM_SMS=target.sm_count,
-            **common,
-        )
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS.put(key, _plan(grad_out, weight, g, lora_A, dx, dx_prev, dropout_p, target))
+    if plan.kernel is None:
         return dx, dx_prev
-    kernel = _linear_lora_dx_kernel if aligned(grad_out, weight, dx) else _linear_lora_dx_unaligned_kernel
-    launch(
-        kernel,
-        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),),
-        grad_out_ptr=grad_out,
-        w_ptr=weight,
-        dx_ptr=dx,
-        dx_prev_ptr=prev,
-        stride_om=grad_out.stride(0),
-        stride_on=grad_out.stride(1),
-        stride_wn=weight.stride(0),
-        stride_wk=weight.stride(1),
-        stride_dm=dx.stride(0),
-        stride_dk=dx.stride(1),
-        stride_pm=prev.stride(0),
-        stride_pk=prev.stride(1),
-        **common,
-    )
+    prev = dx_prev if dx_prev is not None else dx  # never written unless STORE_PREV
+    kwargs = plan.static.copy()
+    kwargs.update(g_ptr=g, a_ptr=lora_A, seed_ptr=seed_ptr, input_scale=float(input_scale))
+    if plan.tma:
+        kwargs.update(
+            grad_out_desc=fresh_descriptor(plan.grad_out_desc, grad_out),
+            w_desc=fresh_descriptor(plan.w_desc, weight),
+            dx_desc=fresh_descriptor(plan.dx_desc, dx),
+            dx_prev_desc=fresh_descriptor(plan.dx_desc, prev),
+        )
+    else:
+        kwargs.update(grad_out_ptr=grad_out, w_ptr=weight, dx_ptr=dx, dx_prev_ptr=prev)
+    launch(plan.kernel, plan.grid, **kwargs)
     return dx, dx_prev
