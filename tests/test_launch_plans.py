@@ -134,7 +134,8 @@ def test_target_makes_its_own_plan():
     meta = {"BLOCK_M": 32, "BLOCK_N": 32}
     assert hopper.kernel is fwd_mod._linear_lora_fwd_tma_kernel and hopper.grid(meta) == (64,)
     assert hopper.kwargs["NUM_SMS"] == ops.H100.sm_count
-    assert ampere.kernel is fwd_mod._linear_lora_fwd_kernel and ampere.grid(meta) == (64,) and "NUM_SMS" not in ampere.kwargs
+    assert ampere.kernel is fwd_mod._linear_lora_fwd_kernel and ampere.grid(meta) == (64,)
+    assert "NUM_SMS" not in ampere.kwargs
     assert small_hopper.grid(meta) == (3,) and small_hopper.kwargs["NUM_SMS"] == 3
     assert len(fwd_mod._PLANS) == 3
 

@@ -166,9 +166,9 @@ def _linear_lora_dx_tma_kernel(
     if ONE_RANK_TILE:
         tile = tl.program_id(0)
         acc = _dx_lora_term(
-            tile, dx_prev_desc, g_ptr, a_ptr, M, K, R, num_m, num_k, num_tiles, stride_gm, stride_gr, stride_ar, stride_ak, seed,
-            drop_threshold, drop_scale, input_scale, DROPOUT, STORE_PREV, DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_R,
-            ONE_RANK_TILE, GROUP_M,
+            tile, dx_prev_desc, g_ptr, a_ptr, M, K, R, num_m, num_k, num_tiles, stride_gm, stride_gr, stride_ar,
+            stride_ak, seed, drop_threshold, drop_scale, input_scale, DROPOUT, STORE_PREV, DOT_PRECISION, BLOCK_M,
+            BLOCK_K, BLOCK_R, ONE_RANK_TILE, GROUP_M,
         )  # fmt: skip
         n_iters = tl.cdiv(N, BLOCK_N)
         for it in range(0, tl.cdiv(num_tiles - tl.program_id(0), NUM_SMS) * n_iters):
@@ -192,9 +192,9 @@ def _linear_lora_dx_tma_kernel(
     else:
         for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS):
             acc = _dx_lora_term(
-                tile, dx_prev_desc, g_ptr, a_ptr, M, K, R, num_m, num_k, num_tiles, stride_gm, stride_gr, stride_ar, stride_ak,
-                seed, drop_threshold, drop_scale, input_scale, DROPOUT, STORE_PREV, DOT_PRECISION, BLOCK_M, BLOCK_K,
-                BLOCK_R, ONE_RANK_TILE, GROUP_M,
+                tile, dx_prev_desc, g_ptr, a_ptr, M, K, R, num_m, num_k, num_tiles, stride_gm, stride_gr, stride_ar,
+                stride_ak, seed, drop_threshold, drop_scale, input_scale, DROPOUT, STORE_PREV, DOT_PRECISION, BLOCK_M,
+                BLOCK_K, BLOCK_R, ONE_RANK_TILE, GROUP_M,
             )  # fmt: skip
             pid_m, pid_k = grouped_tile(tile, num_m, num_k, GROUP_M)
             for n0 in range(0, N, BLOCK_N):
@@ -205,10 +205,11 @@ def _linear_lora_dx_tma_kernel(
 
 
 @triton.jit
-def _dx_lora_term(tile, dx_prev_desc, g_ptr, a_ptr, M, K, R, num_m, num_k, num_tiles, stride_gm, stride_gr, stride_ar, stride_ak,
-                  seed, drop_threshold, drop_scale, input_scale, DROPOUT: tl.constexpr, STORE_PREV: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                  ONE_RANK_TILE: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
+def _dx_lora_term(tile, dx_prev_desc, g_ptr, a_ptr, M, K, R, num_m, num_k, num_tiles, stride_gm, stride_gr,
+                  stride_ar, stride_ak, seed, drop_threshold, drop_scale, input_scale, DROPOUT: tl.constexpr,
+                  STORE_PREV: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ONE_RANK_TILE: tl.constexpr,
+                  GROUP_M: tl.constexpr):  # fmt: skip
     """``v = s_in drop'(g A)`` of dx tile number ``tile`` (stored as that tile of dx_prev when
     ``STORE_PREV`` and the tile exists): the initial accumulator of the tile's N loop."""
     pid_m, pid_k = grouped_tile(tile, num_m, num_k, GROUP_M)

@@ -175,10 +175,10 @@ def lora_grad_out(
     plan = _PLANS.get(key)
     if plan is None:
         plan = _PLANS.put(key, _plan(grad_out, lora_B, u, det))
-    device = grad_out.device
+    device, g_shape = grad_out.device, (grad_out.shape[0], u.shape[1])
     if plan.kernel is None:
-        return torch.zeros((grad_out.shape[0], u.shape[1]), device=device, dtype=torch.float32), torch.zeros_like(lora_B)
-    g = torch.empty((grad_out.shape[0], u.shape[1]), device=device, dtype=torch.float32)
+        return torch.zeros(g_shape, device=device, dtype=torch.float32), torch.zeros_like(lora_B)
+    g = torch.empty(g_shape, device=device, dtype=torch.float32)
     db = torch.zeros(plan.db_shape, device=device, dtype=torch.float32)
     launch(
         plan.kernel,
