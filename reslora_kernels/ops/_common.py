@@ -113,8 +113,11 @@ class PlanCache(dict):
     """Launch plans by key, at most :data:`PLAN_CACHE_SIZE` of them (oldest evicted first)."""
 
     def put(self, key, plan):
-        if len(self) >= PLAN_CACHE_SIZE:
-            del self[next(iter(self))]
+        while len(self) >= PLAN_CACHE_SIZE:
+            try:
+                del self[next(iter(self))]
+            except (KeyError, RuntimeError, StopIteration):  # another thread evicted or added one first
+                break
         self[key] = plan
         return plan
 
