@@ -299,7 +299,7 @@ def _plan(grad_out, weight, g, lora_A, dx, dx_prev, dropout_p, target) -> _Plan:
     plan.kernel = _linear_lora_dx_kernel if is_aligned else _linear_lora_dx_unaligned_kernel
     plan.grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]),)
     # The one-tile-per-program kernel keeps its rank loop: it has no tile loop to flatten, and
-    # without the loop ptxas gives some of its dropout configs a stack frame (compile matrix).
+    # without the loop ptxas spills in some of its dropout configs (compile matrix).
     plan.static["ONE_RANK_TILE"] = False
     plan.static.update(
         stride_om=grad_out.stride(0),

@@ -235,6 +235,9 @@ def _plan(x, weight, bias, u, lora_B, y, target) -> _Plan:
         return plan
     plan.kernel = _linear_lora_fwd_kernel if is_aligned else _linear_lora_fwd_unaligned_kernel
     plan.grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
+    # The one-tile-per-program kernel keeps its rank loop: it has no tile loop to flatten, and
+    # without the loop ptxas (Triton 3.6) spills in some of its configs (compile matrix).
+    plan.static["ONE_RANK_TILE"] = False
     plan.static.update(
         stride_xm=x.stride(0),
         stride_xk=x.stride(1),
