@@ -181,6 +181,38 @@ def test_blocked_cpu_mask_is_the_reference_mask(monkeypatch, shape, block_bytes)
                 assert got.dtype == dtype and torch.equal(got, expected), (dtype, p, seed)
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (7, 5), (130, 33), (33, 300), (0, 4)])
+def test_gpu_mask_kernel_is_the_reference_mask(shape):
+    """What the composed path runs for its mask on a GPU (one Triton kernel writing the 0/1 mask
+    in the input's dtype), here through Triton's interpreter on CPU tensors: the bits of
+    reference.dropout_keep_mask, for every dtype, p and kind of seed."""
+    pytest.importorskip("triton")
+    write = composed._device_mask_kernel()
+    assert write is not None
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        x2 = torch.empty(shape, dtype=dtype)
+        for p in (1e-9, 0.1, 0.5, 0.999999):
+            for seed in (0, 12345, 2**31 - 2, torch.tensor(77), torch.tensor(5, dtype=torch.int32)):
+                expected = reference.dropout_keep_mask(shape, p, seed, "cpu").to(dtype)
+                got = write(shape[0], shape[1], p, seed, x2)
+                assert got.dtype == dtype and torch.equal(got, expected), (dtype, p, seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_mask_is_one_kernel():
+    """On CUDA tensors the composed mask is one launch (tests/test_composed.py checks its bits
+    through the interpreter on CPU), and it is the reference mask."""
+    from reslora_kernels import ops
+
+    x2 = torch.empty((300, 1000), device="cuda", dtype=torch.bfloat16)
+    with ops.capture() as launches:
+        composed._keep(x2, 0.1, 7)
+    assert len(launches) == 1
+    expected = reference.dropout_keep_mask(x2.shape, 0.1, 7, "cuda").to(x2.dtype)
+    assert torch.equal(composed._keep(x2, 0.1, torch.tensor(7, device="cuda")), expected)
+
+
 def test_missing_seed_is_an_error():
     x, args, _ = block_inputs("none")
     with pytest.raises(ValueError, match="dropout_p > 0 needs a dropout_seed"):

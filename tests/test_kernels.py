@@ -15,7 +15,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from reslora_kernels import ops, reference  # noqa: E402
-from reslora_kernels.ops import _configs, _jit  # noqa: E402
+from reslora_kernels.ops import _common, _configs, _jit  # noqa: E402
 
 # The op modules (the package namespace holds the launcher functions of the same names).
 linear_lora_fwd, linear_lora_dx, lora_down, lora_grad_A, lora_grad_out = (
@@ -362,6 +362,8 @@ def test_block_minimums_come_from_the_config_table(monkeypatch):
     for block_m in (16, 32):
         configs = [triton.Config({"BLOCK_M": block_m, "BLOCK_K": 32})]
         monkeypatch.setattr(lora_down, "_CONFIGS", configs)
+        # The tables are constants of a process; the launch plans made from them are cached.
+        monkeypatch.setattr(lora_down, "_PLANS", _common.PlanCache())
         with ops.capture() as plan:
             ops.lora_down(_meta(M, K), _meta(R, K), compute_x_sqnorm=True)
         assert plan[0].kwargs["sqnorm_ptr"].shape == (triton.cdiv(M, block_m),)
