@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ..dtypes import KERNEL_DTYPES
+from ._common import cdiv
 from ._configs import DEQUANT, tile_configs
 from ._jit import rounded_for, tile_offsets, tile_ptrs
 from ._target import autotune, launch
@@ -159,7 +160,7 @@ def dequant_4bit(
         raise ValueError(f"packed must be contiguous uint8 on {device}, got {packed.dtype} on {packed.device}")
     if packed.numel() < (N * K + 1) // 2:
         raise ValueError(f"packed holds {packed.numel()} bytes; [{N}, {K}] needs {(N * K + 1) // 2}")
-    blocks = triton.cdiv(N * K, blocksize)
+    blocks = cdiv(N * K, blocksize)
     nested = nested_absmax is not None
     if absmax.device != device or absmax.dim() != 1 or absmax.numel() < blocks:
         raise ValueError(
@@ -174,7 +175,7 @@ def dequant_4bit(
             raise ValueError("double quantization needs nested_absmax, nested_code and nested_offset")
         if nested_blocksize <= 0 or nested_blocksize & (nested_blocksize - 1):
             raise ValueError(f"nested_blocksize must be a power of two, got {nested_blocksize}")
-        _check_table("nested_absmax", nested_absmax, triton.cdiv(blocks, nested_blocksize), device)
+        _check_table("nested_absmax", nested_absmax, cdiv(blocks, nested_blocksize), device)
         _check_table("nested_code", nested_code, 256, device)
         if nested_offset.dtype != torch.float32 or nested_offset.numel() != 1 or nested_offset.device != device:
             raise ValueError(f"nested_offset must be one float32 on {device}, got {nested_offset.dtype}")
@@ -182,7 +183,7 @@ def dequant_4bit(
         return out
     launch(
         _dequant_4bit_kernel,
-        lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(K, meta["BLOCK_K"])),
+        lambda meta: (cdiv(N, meta["BLOCK_N"]), cdiv(K, meta["BLOCK_K"])),
         packed_ptr=packed,
         absmax_ptr=absmax,
         code_ptr=code,

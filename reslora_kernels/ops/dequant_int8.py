@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ..dtypes import KERNEL_DTYPES
+from ._common import cdiv
 from ._configs import DEQUANT, tile_configs
 from ._jit import rounded_for, tile_ptrs
 from ._target import autotune, launch
@@ -78,7 +79,7 @@ def dequant_int8(weight_int8: torch.Tensor, row_absmax: torch.Tensor, *, out: to
         return out
     launch(
         _dequant_int8_kernel,
-        lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(K, meta["BLOCK_K"])),
+        lambda meta: (cdiv(N, meta["BLOCK_N"]), cdiv(K, meta["BLOCK_K"])),
         q_ptr=weight_int8,
         scale_ptr=row_absmax,
         out_ptr=out,
