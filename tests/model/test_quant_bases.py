@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from conftest import KERNEL_DEVICE
+from helpers import KERNEL_DEVICE, bitsandbytes, float_bits
 
 from reslora_kernels import FusedResLoRALinear, ResLoRAConfig, apply_reslora, base_layers, quant, reference
 
@@ -27,16 +27,7 @@ OUT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 @pytest.fixture
 def bnb():
-    """bitsandbytes, or a skip where it is not installed (a failure under CI, which installs it)."""
-    if os.environ.get("CI"):
-        import bitsandbytes
-
-        return bitsandbytes
-    return pytest.importorskip("bitsandbytes")
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[t.dtype])
+    return bitsandbytes()
 
 
 def assert_same_values(ours, theirs, quant_type="nf4"):
@@ -45,7 +36,8 @@ def assert_same_values(ours, theirs, quant_type="nf4"):
     assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
     if quant_type == "fp4":
         ours, theirs = ours + 0.0, theirs + 0.0
-    assert torch.equal(bits(ours), bits(theirs)), f"{int((bits(ours) != bits(theirs)).sum())} elements differ"
+    differ = int((float_bits(ours) != float_bits(theirs)).sum())
+    assert differ == 0, f"{differ} of {ours.numel()} elements differ"
 
 
 def linear4bit(bnb, N, K, *, quant_type="nf4", double_quant=True, blocksize=64, compute_dtype=torch.bfloat16,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import KERNEL_DEVICE
+from helpers import KERNEL_DEVICE, bitsandbytes, float_bits
 
 pytest.importorskip("triton")
 
@@ -30,27 +30,13 @@ OUT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(33, 70), (5, 7), (1, 1), (40, 64), (3, 129), (17, 256), (2, 30)]
 
 
-def bitsandbytes():
-    """bitsandbytes, or a skip where it is not installed (a failure under CI, which installs it)."""
-    if os.environ.get("CI"):
-        import bitsandbytes as bnb
-
-        return bnb
-    return pytest.importorskip("bitsandbytes")
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The bit patterns of a float tensor (so that -0.0 and 0.0, or two NaNs, are told apart)."""
-    return t.view({torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[t.dtype])
-
-
 def assert_same_bits(out: torch.Tensor, ref: torch.Tensor, what: str, zero_sign: bool = True) -> None:
     """Equal bit for bit; with ``zero_sign=False``, -0.0 and 0.0 count as equal (bitsandbytes'
     own implementations disagree on the sign of FP4's zero code)."""
     assert out.dtype == ref.dtype and out.shape == ref.shape, what
     if not zero_sign:
         out, ref = out + 0.0, ref + 0.0  # -0.0 + 0.0 == +0.0 in round-to-nearest
-    differ = bits(out) != bits(ref)
+    differ = float_bits(out) != float_bits(ref)
     if differ.any():
         index = tuple(differ.nonzero()[0].tolist())
         raise AssertionError(
