@@ -55,6 +55,10 @@ class BlockSettings:
             of them). Ignored by ``none`` and ``is``.
         norm_window: how many recent training forwards the input-norm statistics average over
             (``is``/``ms``; read by the ``input_norm`` merge).
+        autocast_adapter_dtype: keep ``lora_A`` / ``lora_B`` in float32 over a float16, bfloat16
+            or quantized base (the default, as PEFT does: bf16 optimizer steps round small updates
+            away); they are cast to the compute dtype per call, differentiably. ``False`` keeps
+            them in the base's dtype.
 
     ``alpha = 0`` is valid but warns: the LoRA branch and its gradients are then zero.
     """
@@ -65,6 +69,7 @@ class BlockSettings:
     dropout: float = 0.0
     pre_num: int = 1
     norm_window: int = 100
+    autocast_adapter_dtype: bool = True
 
     def __post_init__(self) -> None:
         rank, alpha, dropout, mode, pre_num = self.rank, self.alpha, self.dropout, self.mode, self.pre_num
@@ -89,6 +94,8 @@ class BlockSettings:
         window = self.norm_window
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"norm_window must be an int >= 1, got {window!r}")
+        if not isinstance(self.autocast_adapter_dtype, bool):
+            raise TypeError(f"autocast_adapter_dtype must be a bool, got {self.autocast_adapter_dtype!r}")
         object.__setattr__(self, "dropout", float(dropout))
         if alpha == 0:
             warnings.warn(
@@ -138,7 +145,7 @@ ChainKey = Union[str, Callable[[str], Any]]
 class ResLoRAConfig(BlockSettings):
     """How :func:`reslora_kernels.apply_reslora` puts ResLoRA into a model: the
     :class:`BlockSettings` of every block (``mode``, ``rank``, ``alpha``, ``dropout``, ``pre_num``,
-    ``norm_window``, with their defaults), and which modules become blocks and how they chain.
+    ``norm_window``, ``autocast_adapter_dtype``, with their defaults), and which modules become blocks and how they chain.
 
     Args:
         target_modules: which linear layers (``nn.Linear``, transformers' ``Conv1D``) to replace.
