@@ -4,7 +4,7 @@ decoding). Per backend, against nn.Linear and PEFT, and our layer split into its
 module, the functional op (checks + backend choice), the autograd Function alone.
 
 The fused backend's rows marked "launches captured" plan every launch for an H100 (the TMA
-kernels, their descriptors) and record it instead of running it (``ops.capture``): what is timed
+kernels, their descriptors) and record it instead of running it (``_target.capture``): what is timed
 is the host's work up to the launch, on any machine, GPU or not. Triton's own launch path
 (autotuner lookup, argument binding, the driver call) comes on top on a GPU and is not in them.
 """
@@ -22,8 +22,9 @@ from reslora_kernels.composed import composed_reslora_linear
 
 try:
     from reslora_kernels import fused, ops
+    from reslora_kernels.ops import _target
 except ImportError:  # no Triton: the fused rows are left out
-    fused = ops = None
+    fused = ops = _target = None
 
 M, K, N, RANK = 4, 64, 64, 8
 DTYPE = torch.bfloat16 if IS_CUDA else torch.float32
@@ -56,7 +57,7 @@ class Batch:
 def _fused_selectable():
     """On a machine without a GPU the fused backend needs Triton's interpreter; with every launch
     captured nothing runs, so it may be selected without it for the duration."""
-    if IS_CUDA or ops.INTERPRETED:
+    if IS_CUDA or _target.INTERPRETED:
         yield
         return
     original = backend.fused_unavailable
@@ -71,7 +72,7 @@ class CapturedBatch(Batch):
     """:class:`Batch` with every launch planned for an H100 and captured instead of run."""
 
     def step(self):
-        with ops.simulate(ops.H100), ops.capture(), _fused_selectable():
+        with _target.simulate(_target.H100), _target.capture(), _fused_selectable():
             for _ in range(CALLS):
                 self.fn().backward(self.grad_out)
         synchronize()
@@ -89,7 +90,7 @@ class LaunchersOnly(Batch):
 
     def step(self):
         x, weight, lora_A, lora_B, grad_out = self.x, self.weight, self.lora_A, self.lora_B, self.grad_out
-        with ops.simulate(ops.H100), ops.capture():
+        with _target.simulate(_target.H100), _target.capture():
             for _ in range(CALLS):
                 z, _ = ops.lora_down(x, lora_A)
                 ops.linear_lora_fwd(x, weight, self.bias, z, lora_B, 2.0)

@@ -111,9 +111,9 @@ def fused_unavailable(x: torch.Tensor) -> tuple[type[Exception], str] | None:
     if x.device.type == "cuda":
         return None
     if x.device.type == "cpu":
-        from .ops import INTERPRETED
+        from .ops import _target
 
-        if INTERPRETED:
+        if _target.INTERPRETED:
             return None
         return RuntimeError, (
             "on CPU tensors runs Triton's interpreter: set TRITON_INTERPRET=1 before importing reslora_kernels "

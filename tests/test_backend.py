@@ -71,13 +71,13 @@ def test_explicit_fused_never_falls_back(monkeypatch):
         FusedResLoRALinear(4, 4)(x)
     monkeypatch.undo()
     monkeypatch.setenv("RESLORA_BACKEND", "fused")
-    import reslora_kernels.ops as ops
+    from reslora_kernels.ops import _target
 
-    monkeypatch.setattr(ops, "INTERPRETED", False)
+    monkeypatch.setattr(_target, "INTERPRETED", False)
     with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1 before importing reslora_kernels"):
         resolve_backend(x)
     with pytest.raises(RuntimeError, match="cannot run on meta tensors"):
-        monkeypatch.setattr(ops, "INTERPRETED", True)
+        monkeypatch.setattr(_target, "INTERPRETED", True)
         resolve_backend(x.to("meta"))
 
 

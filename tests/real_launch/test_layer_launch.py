@@ -14,8 +14,8 @@ import torch
 from models import EVAL, MERGE, PRECISIONS, TRAIN, Stack, on_hopper
 
 from reslora_kernels import FusedResLoRALinear, ResLoRAConfig, apply_reslora, merge_and_unload
-from reslora_kernels.ops import A100, H100
-from reslora_kernels.testing.fake_gpu import KernelLaunch, cpu_tensors_as_cuda, fake_gpu
+from reslora_kernels.ops._target import A100, H100
+from tools.fake_gpu import KernelLaunch, cpu_tensors_as_cuda, fake_gpu
 
 LAYERS, TOKENS, RANK = 2, 64, 16
 

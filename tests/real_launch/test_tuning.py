@@ -4,7 +4,6 @@ kernels against composed when the device is (faked) CUDA."""
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 import itertools
 
@@ -13,11 +12,11 @@ import torch
 from models import Stack
 
 from reslora_kernels import FusedBackendFailure, ResLoRAConfig, apply_reslora, backend, backend_report
-from reslora_kernels.ops import H100, _target, linear_lora_fwd, lora_down
-from reslora_kernels.testing.fake_gpu import cpu_tensors_as_cuda, fake_gpu
-
-DOWN = importlib.import_module("reslora_kernels.ops.lora_down")._lora_down_kernel
-FWD_TMA = importlib.import_module("reslora_kernels.ops.linear_lora_fwd")._linear_lora_fwd_tma_kernel
+from reslora_kernels.ops import _target, linear_lora_fwd, lora_down
+from reslora_kernels.ops._target import H100
+from reslora_kernels.ops.linear_lora_fwd_kernel import _linear_lora_fwd_tma_kernel as FWD_TMA
+from reslora_kernels.ops.lora_down_kernel import _lora_down_kernel as DOWN
+from tools.fake_gpu import cpu_tensors_as_cuda, fake_gpu
 M, K, R = 64, 128, 16
 
 
