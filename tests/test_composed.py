@@ -8,7 +8,7 @@ from conftest import assert_lowp_close, rel_err
 from oracle import oracle_grads
 from toy import SeedRecorder, ToyStack, oracle_params
 
-from reslora_kernels import backend, composed, functional, reference
+from reslora_kernels import backend, composed, functional, reference, set_backend
 from reslora_kernels.composed import ComposedResLoRAFunction, composed_reslora_linear
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
@@ -19,7 +19,7 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 @pytest.fixture
 def composed_backend(monkeypatch):
-    monkeypatch.setenv("RESLORA_BACKEND", "composed")
+    set_backend("composed")
 
 
 def assert_close(out, ref64, torch_same_dtype, what):

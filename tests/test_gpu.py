@@ -11,6 +11,8 @@ from conftest import assert_lowp_close
 from oracle import toy_stack
 from toy import ToyStack, oracle_params
 
+from reslora_kernels import set_backend
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 M, FEATURES, RANK = 4096, 4096, 16
@@ -18,7 +20,7 @@ M, FEATURES, RANK = 4096, 4096, 16
 
 @pytest.fixture
 def triton_backend(monkeypatch):
-    monkeypatch.setenv("RESLORA_BACKEND", "triton")
+    set_backend("fused")
 
 
 def run_oracle(params, x0, scaling, mode, pre_num, probes, dtype):

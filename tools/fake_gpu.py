@@ -759,7 +759,7 @@ def fake_gpu(
 
 @contextlib.contextmanager
 def cpu_tensors_as_cuda() -> Iterator[None]:
-    """The backend switch treats CPU tensors as CUDA tensors: ``RESLORA_BACKEND=fused`` accepts
+    """The backend switch treats CPU tensors as CUDA tensors: the fused backend accepts
     them, and ``auto`` times fused against composed on them (with :func:`fake_gpu`, the fused
     candidate then runs on the fake GPU)."""
     from reslora_kernels import backend
