@@ -13,9 +13,10 @@ finish before the deadline is skipped, and a failure never stops the stages afte
     probe        GPU, driver, CUDA, torch, Triton, SM count, commit
     kernels      one real autotuned launch of every op in reslora_kernels.ops on each launch path,
                  outputs NaN-poisoned, checked against the float64 formula with the tests' rules
+                 (the dequantization ops: bit for bit against the reference)
     sanitizer    compute-sanitizer memcheck over the same ops at small odd, aligned and
                  multi-rank-tile shapes (a subprocess of this script, RESLORA_TUNE=pinned)
-    gpu_tests    pytest tests/test_gpu.py -k bf16
+    gpu_tests    pytest tests/backends/test_gpu.py -k bf16
     merge        the merge-fold and host-overhead benchmark suites
     layer        the LLaMA-7B 4096 -> 4096 layer at M = 8192, r = 16: frozen nn.Linear, PEFT,
                  composed, fused, auto, every mode, fwd+bwd and fwd-only, interleaved in one process
@@ -36,7 +37,7 @@ process. Files under ``--out`` (at most 7, the device tool returns 8):
 The output ends with a table of the stages and kernel cases; the exit code is 0 when every stage
 passed, 1 when one failed, 2 when one was skipped. ``--dry-run`` runs the same stages,
 subprocesses and files on CPU: the kernels in Triton's interpreter at tiny shapes, the suites at
-tiny sizes, the sanitizer stage's worker without compute-sanitizer (tests/test_gpu_check.py runs it
+tiny sizes, the sanitizer stage's worker without compute-sanitizer (tests/tools/test_gpu_check.py runs it
 in CI).
 """
 
@@ -330,7 +331,16 @@ KERNEL_SHAPES = {
 CASE_TIMEOUT_S = {"gpu": 150.0, "sanitize": 90.0, "dry": 60.0}
 #: Worker processes a stage may start: each one after the first replaces a worker that crashed.
 MAX_WORKERS = 4
-KERNEL_OPS = ("lora_down", "linear_lora_fwd", "lora_grad_out", "linear_lora_dx", "lora_grad_A", "fold_lora_")
+KERNEL_OPS = (
+    "lora_down",
+    "linear_lora_fwd",
+    "lora_grad_out",
+    "linear_lora_dx",
+    "lora_grad_A",
+    "fold_lora_",
+    "dequant_4bit",
+    "dequant_int8",
+)
 GEMM_OPS = ("linear_lora_fwd", "linear_lora_dx")
 
 
@@ -500,8 +510,8 @@ def stage_sanitizer(ctx: Context, budget: float) -> dict:
 # ---------------------------------------------------------------------------- (d) pytest
 def stage_gpu_tests(ctx: Context, budget: float) -> dict:
     junit, logs = ctx.tmp / "gpu_tests.xml", ctx.tmp / "gpu_logs"
-    cmd = [sys.executable, "-m", "pytest", "tests/test_gpu.py", "-k", "bf16", "-v", "-rfE", "-p", "no:cacheprovider"]
-    cmd += [f"--junitxml={junit}"]
+    cmd = [sys.executable, "-m", "pytest", "tests/backends/test_gpu.py", "-k", "bf16", "-v", "-rfE"]
+    cmd += ["-p", "no:cacheprovider", f"--junitxml={junit}"]
     output = ctx.out / PYTEST_FILE
     output.write_text(" ".join(cmd) + "\n\n")
     proc = run_process(cmd, budget, output, ctx.env(RESLORA_GPU_LOG_DIR=logs))
@@ -581,7 +591,7 @@ STAGES = [
     Stage("probe", "environment: GPU, driver, CUDA, torch, Triton, commit", stage_probe, 5, 90, 5, 90, False),
     Stage("kernels", "one autotuned launch of every op, checked against float64", stage_kernels, 30, 200, 5, 120),
     Stage("sanitizer", "compute-sanitizer memcheck on small shapes", stage_sanitizer, 30, 120, 5, 120),
-    Stage("gpu_tests", "pytest tests/test_gpu.py -k bf16", stage_gpu_tests, 40, 150, 5, 90),
+    Stage("gpu_tests", "pytest tests/backends/test_gpu.py -k bf16", stage_gpu_tests, 40, 150, 5, 90),
     Stage("merge", "merge-fold and host-overhead suites", stage_merge, 20, 90, 5, 90),
     Stage("layer", "LLaMA-7B 4096->4096 layer, M=8192, r=16, every mode", stage_layer, 60, 240, 5, 90),
     Stage("e2e", "end-to-end training step", stage_e2e, 90, 300, 5, 120),
@@ -750,7 +760,7 @@ def worker_probe(args) -> int:
 
 class _KernelChecks:
     """The kernel cases: every op of ``reslora_kernels.ops`` against its float64 formula (the
-    formulas of tests/test_kernels.py), checked with the tests' tolerance rules, outputs poisoned."""
+    formulas of tests/ops/test_kernels.py), checked with the tests' tolerance rules, outputs poisoned."""
 
     def __init__(self, scale: str, seed: int) -> None:
         import torch
@@ -758,7 +768,9 @@ class _KernelChecks:
         from reslora_kernels import ops, reference
         from reslora_kernels.ops import _target
 
-        spec = importlib.util.spec_from_file_location("reslora_tolerance_rules", ROOT / "tests" / "conftest.py")
+        # The tests' tolerance rules: tests/helpers.py, which imports tests/oracle.py beside it.
+        sys.path.insert(0, str(ROOT / "tests"))
+        spec = importlib.util.spec_from_file_location("reslora_tolerance_rules", ROOT / "tests" / "helpers.py")
         self.rules = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(self.rules)
         self.torch, self.ops, self.reference = torch, ops, reference
@@ -820,7 +832,7 @@ class _KernelChecks:
         return out
 
     def check(self, out, formula, what):
-        """The tests' rule (tests/conftest.py ``assert_lowp_close``): normwise and max-abs against
+        """The tests' rule (tests/helpers.py ``assert_lowp_close``): normwise and max-abs against
         the float64 formula, relative to PyTorch's own error in the kernel's dtype."""
         torch = self.torch
         self.rules.assert_lowp_close(out.to(self.ref_device), formula(torch.float64), formula(out.dtype), what)
@@ -951,6 +963,64 @@ class _KernelChecks:
         # The fold launches once per call: the capture run above left `target` untouched, the
         # real run folded it once.
         record["rel_err"] = self.check(target, formula, "W")
+
+    def same_bits(self, out, ref, what):
+        """Bit for bit (the dequantization kernels reproduce their formula exactly)."""
+        torch = self.torch
+        as_int = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[out.dtype]
+        differ = int((out.to(self.ref_device).view(as_int) != ref.view(as_int)).sum())
+        if differ:
+            raise AssertionError(f"{what}: {differ} of {out.numel()} elements differ from the formula")
+
+    def _dequant_4bit(self, shape, full, plan, record):
+        """The weight [N, K] from random packed codes; full: double-quantized absmax."""
+        torch = self.torch
+        _, K, N, _ = shape
+        blocks = -(-N * K // 64)
+        packed = torch.randint(0, 256, ((N * K + 1) // 2,), dtype=torch.uint8, device=self.device)
+        code = torch.randn(16, device=self.device)
+        if full:
+            absmax = torch.randint(0, 256, (blocks,), dtype=torch.uint8, device=self.device)
+            nested = dict(
+                nested_absmax=torch.rand(-(-blocks // 256), device=self.device) + 0.5,
+                nested_code=torch.randn(256, device=self.device),
+                nested_offset=torch.tensor(0.25, device=self.device),
+            )
+        else:
+            absmax, nested = torch.rand(blocks, device=self.device) + 0.1, {}
+        out = self.launch(
+            lambda: self.ops.dequant_4bit(
+                packed, absmax, code, out=torch.empty(N, K, dtype=self.dtype, device=self.device), blocksize=64,
+                **nested,
+            ),
+            plan,
+            record,
+        )  # fmt: skip
+        ref = self.reference.dequant_4bit(
+            self.ref(packed), self.ref(absmax), self.ref(code), blocksize=64,
+            out=torch.empty(N, K, dtype=self.dtype, device=self.ref_device),
+            **{name: self.ref(t) for name, t in nested.items()},
+        )  # fmt: skip
+        self.same_bits(out, ref, "W")
+        record["rel_err"] = 0.0
+
+    def _dequant_int8(self, shape, full, plan, record):
+        torch = self.torch
+        _, K, N, _ = shape
+        weight_int8 = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=self.device)
+        row_absmax = torch.rand(N, device=self.device) * 2
+        out = self.launch(
+            lambda: self.ops.dequant_int8(
+                weight_int8, row_absmax, out=torch.empty(N, K, dtype=self.dtype, device=self.device)
+            ),
+            plan,
+            record,
+        )
+        ref = self.reference.dequant_int8(
+            self.ref(weight_int8), self.ref(row_absmax), out=torch.empty(N, K, dtype=self.dtype, device=self.ref_device)
+        )
+        self.same_bits(out, ref, "W")
+        record["rel_err"] = 0.0
 
 
 def _kernel_name(kernel) -> str:

@@ -17,7 +17,7 @@ that does not); the GEMM kernels use wgmma (and TMA) on sm_90a; no 32-bit produc
 stride (offsets that pass 2^31 elements would wrap).
 
 ``python -m tools.compile_matrix`` (from the repository root) runs the full matrix and writes
-docs/compile_matrix.md; ``--subset ci`` is the representative subset tests/test_compile_matrix.py
+docs/compile_matrix.md; ``--subset ci`` is the representative subset tests/ops/test_compile_matrix.py
 runs. It needs ``TRITON_INTERPRET`` unset (the interpreter builds nothing).
 """
 
@@ -140,7 +140,17 @@ def _seed(dropout: bool):
 
 
 def _scenarios() -> list[Scenario]:
-    from reslora_kernels.ops import dropout_keep_mask, fold_lora_, linear_lora_dx, linear_lora_fwd, lora_down, lora_grad_A, lora_grad_out
+    from reslora_kernels.ops import (
+        dequant_4bit,
+        dequant_int8,
+        dropout_keep_mask,
+        fold_lora_,
+        linear_lora_dx,
+        linear_lora_fwd,
+        lora_down,
+        lora_grad_A,
+        lora_grad_out,
+    )
 
     found = []
     for prev in (False, True):
@@ -211,6 +221,29 @@ def _scenarios() -> list[Scenario]:
         dropout_keep_mask((M, K), 0.1, _seed(True), "meta")
 
     found.append(Scenario("dropout_keep_mask", "", mask, dtype_independent=True))
+    for nested in (False, True):
+        for even_k in (False, True):
+
+            def dequant4(d, dt, nested=nested, even_k=even_k):
+                _, K, N, _ = d
+                K += not even_k  # an odd K: rows start mid-byte (the per-element path)
+                blocks, u8, f32 = -(-N * K // 64), torch.uint8, torch.float32
+                nested_args = dict(
+                    nested_absmax=_meta(-(-blocks // 256), dtype=f32), nested_code=_meta(256, dtype=f32),
+                    nested_offset=_meta((), dtype=f32),
+                ) if nested else {}  # fmt: skip
+                dequant_4bit(
+                    _meta((N * K + 1) // 2, dtype=u8), _meta(blocks, dtype=u8 if nested else f32), _meta(16, dtype=f32),
+                    out=_meta(N, K, dtype=dt), blocksize=64, **nested_args,
+                )  # fmt: skip
+
+            found.append(Scenario("dequant_4bit", f"nested={int(nested)} even_k={int(even_k)}", dequant4))
+
+    def dequant8(d, dt):
+        _, K, N, _ = d
+        dequant_int8(_meta(N, K, dtype=torch.int8), _meta(N, dtype=torch.float32), out=_meta(N, K, dtype=dt))
+
+    found.append(Scenario("dequant_int8", "", dequant8))
     return found
 
 

