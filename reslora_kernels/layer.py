@@ -190,9 +190,14 @@ class FusedResLoRALinear(nn.Module):
         # Under autocast the block computes in the autocast dtype, as nn.Linear would; the adapter
         # keeps its own dtype (the casts are differentiable, gradients arrive in it).
         dtype = functional.autocast_dtype(x)
+        autocast = dtype is not None
         if quantized_base:
+            if not x.is_floating_point():
+                raise TypeError(f"{self._where()}: input must be a floating-point tensor, got {x.dtype}")
             dtype = dtype or quantized.compute_dtype(base, x)
-            kernel = True if backend.resolve_backend(x) == "fused" else None
+            # The fused path reads the weight the dequantization kernel wrote (CUDA: always).
+            resolved = backend.resolve_backend(x)
+            kernel = True if resolved == "fused" else None
             weight = quantized.dequantized_weight(base, dtype, kernel=kernel)
         else:
             weight = base.weight
@@ -200,12 +205,13 @@ class FusedResLoRALinear(nn.Module):
                 weight = weight.t()
             if dtype is None and lora_A.dtype != weight.dtype and x.dtype == weight.dtype:
                 dtype = weight.dtype  # float32 adapters over a 16-bit base: cast per call
-        # Fail on a bad input (or a misspelled RESLORA_BACKEND) before the chain's pass state is touched.
+        # Fail on a bad input, or a backend that cannot run it, before the chain's pass state is touched.
         try:
             functional.check_inputs(x, weight, bias, lora_A, lora_B, compute_dtype=dtype)
         except (TypeError, ValueError) as err:
             raise type(err)(f"{self._where()}: {err}") from None
-        functional.requested_backend()
+        if not quantized_base:
+            resolved = backend.resolve_backend(x)
         x_prev = z_prev = None
         if mode != "none":
             own_A = lora_A
@@ -225,16 +231,17 @@ class FusedResLoRALinear(nn.Module):
         elif self._shortcut_hooks:
             for hook in tuple(self._shortcut_hooks.values()):
                 hook(self, x, None, None)
-        training = self.training
-        record = training and self.statistics is not None
         input_dtype = x.dtype
         if dtype is not None:
             x, weight, bias, lora_A, lora_B, x_prev, z_prev = functional.cast_to(
                 dtype, x, weight, bias, lora_A, lora_B, x_prev, z_prev
             )
+        training = self.training
+        record = training and self.statistics is not None
         saves = quantized.weight_not_saved(base, weight, kernel=kernel) if quantized_base else nullcontext()
         with saves:
-            y, z, x_sqnorm = functional.run_reslora_linear(
+            y, z, x_sqnorm = functional.call(
+                resolved,
                 x,
                 weight,
                 bias,
@@ -245,12 +252,13 @@ class FusedResLoRALinear(nn.Module):
                 z_prev=z_prev,
                 dropout_p=settings.dropout if training else 0.0,
                 compute_x_sqnorm=record and mode == "is",
+                autocast=autocast,
             )
         if mode != "none":
             chain.after_forward(self, x, z, y)
         if record:
             self.statistics.record(x_sqnorm if mode == "is" else reference.squared_norm(z))
-        if quantized_base and y.dtype != input_dtype and not torch.is_autocast_enabled(y.device.type):
+        if quantized_base and y.dtype != input_dtype and not autocast:
             y = y.to(input_dtype)  # bitsandbytes' forward returns the input's dtype
         return y
 

@@ -12,7 +12,7 @@ from collections import defaultdict
 import torch
 import torch.nn as nn
 
-from . import functional
+from . import fold
 from .base_layers import base_dtype
 from .layer import FusedResLoRALinear
 from .quant import dequantize
@@ -57,14 +57,14 @@ def folded_weight(block: FusedResLoRALinear, term: MergeTerm) -> torch.Tensor:
     dtype (:func:`reslora_kernels.base_layers.base_dtype`)."""
     if block.quantized:
         weight = dequantize(block.base_layer, torch.float32)
-        functional.fold_lora_(weight, term.lora_B, term.lora_A, term.coef)
+        fold.fold_lora_(weight, term.lora_B, term.lora_A, term.coef)
         return weight.to(base_dtype(block.base_layer))
     weight = block.base_layer.weight.detach().clone()
     if block.fan_in_fan_out:
         # The Parameter is stored [in, out] (Conv1D): fold the transposed update, W^T += c A^T B^T.
         lora_B, lora_A = term.lora_A.t().contiguous(), term.lora_B.t().contiguous()
-        return functional.fold_lora_(weight, lora_B, lora_A, term.coef)
-    return functional.fold_lora_(weight, term.lora_B, term.lora_A, term.coef)
+        return fold.fold_lora_(weight, lora_B, lora_A, term.coef)
+    return fold.fold_lora_(weight, term.lora_B, term.lora_A, term.coef)
 
 
 def _nonfinite_cause(block: FusedResLoRALinear, term: MergeTerm) -> str:
@@ -272,7 +272,7 @@ class _MergedPreview(nn.Module):
             weight = folded_weight(self.block, self.term)
             bias = None if self.block.bias is None else self.block.bias.to(weight.dtype)
             return torch.nn.functional.linear(x, weight, bias)
-        weight = functional.fold_lora_(
+        weight = fold.fold_lora_(
             self.block.weight.detach().clone(), self.term.lora_B, self.term.lora_A, self.term.coef
         )
         return torch.nn.functional.linear(x, weight, self.block.bias)
