@@ -43,6 +43,14 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def recomputing() -> bool:
+    """Whether the forward running now recomputes one that already ran (gradient checkpointing
+    re-runs a segment in backward, reentrant or not). What a block records (its norm statistics,
+    its chain's pass, what its shortcut hooks observe) is recorded once per forward pass, never in a
+    recomputation. Compiled code never re-runs Python, and Dynamo must not trace the graph-task query."""
+    return not torch.compiler.is_compiling() and in_backward()
+
+
 def in_reentrant_checkpoint() -> bool:
     """Whether a reentrant ``torch.utils.checkpoint`` forward is on the stack (it runs its
     function under ``no_grad``, so this is only asked when grad is off)."""
