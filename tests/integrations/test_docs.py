@@ -1,5 +1,6 @@
 """The documentation holds together: every relative link in a Markdown file names a file of the
-repository (and, with ``#anchor``, a heading of it), and no file speaks of ticket numbers."""
+repository (and, with ``#anchor``, a heading of it), a "design.md section N" names a section design.md
+has, and no file speaks of ticket numbers or of how the work was organised."""
 
 import re
 from pathlib import Path
@@ -74,12 +75,54 @@ def test_relative_links_resolve(path):
     assert not broken, f"{path.relative_to(ROOT)}: " + "; ".join(broken)
 
 
-def test_no_ticket_numbers_in_code_or_docs():
-    pattern = re.compile(r"\bissues?\s+#?\d+", re.I)
+# What a reader of the code or the docs should never meet: ticket numbers ("issue 12", "issue #12",
+# "PR #3") and words about how the work was organised. This file, which holds the examples, is exempt.
+PROCESS_WORDS = re.compile(
+    r"\b(?:issues?|tickets?)[\s#-]*\d+|\bPR\s*#\d+"
+    r"|\bthe lead\b|\bworking log\b|\bNOTES\.md\b|\bhelper session|\bwork ?tree\b",
+    re.I,
+)
+
+
+def code_and_docs() -> list[Path]:
+    return repo_files(".py", ".md", ".toml", ".cfg", ".cu", ".cpp", ".h", ".sh", ".txt", ".yml", ".yaml") + [
+        ROOT / ".ci" / "run"
+    ]
+
+
+def test_the_process_word_pattern_catches_what_it_should():
+    for text in ("see issue 12", "Issue #7", "issue-3", "ticket 4", "PR #5", "as the lead said", "the working log"):
+        assert PROCESS_WORDS.search(text), text
+    for text in ("issued 2 loads", "scope='session'", "tests/helpers.py", "an issue with 2 GPUs"):
+        assert not PROCESS_WORDS.search(text), text
+
+
+def test_no_ticket_numbers_or_process_words_in_code_or_docs():
     found = [
         f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
-        for path in repo_files(".py", ".md", ".toml", ".cfg", ".cu", ".cpp")
+        for path in code_and_docs()
+        if path.is_file() and path != Path(__file__).resolve()
         for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
-        if pattern.search(line)
+        if PROCESS_WORDS.search(line)
     ]
     assert not found, "\n".join(found)
+
+
+def numbered_sections(markdown: str) -> set[int]:
+    return {int(n) for n in re.findall(r"^##\s+(\d+)\.", markdown, flags=re.M)}
+
+
+def test_design_section_references_exist():
+    """"design.md section N" (in code, tests and docs) names a numbered section design.md has."""
+    sections = numbered_sections((ROOT / "docs" / "design.md").read_text())
+    reference = re.compile(r"design\.md\)?,? (?:\(?sections? )(\d+)|sections? (\d+) of \[?(?:docs/)?design\.md")
+    wrong = [
+        f"{path.relative_to(ROOT)}:{number}: section {cited}"
+        for path in code_and_docs()
+        if path.is_file() and path.name != "compile_matrix.md"
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
+        for match in reference.finditer(line)
+        for cited in [int(match.group(1) or match.group(2))]
+        if cited not in sections
+    ]
+    assert sections and not wrong, "\n".join(wrong)
