@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
 import re
 
 import pytest
@@ -120,6 +121,22 @@ def assert_lowp_close(out, ref64, torch_same_dtype, what="", magnitude64=None, d
     torch_err = rel_err(torch_same_dtype, ref64)
     assert err < 2e-2, f"{what}: {out.dtype} rel err {err:.3g}"
     assert err <= 2 * torch_err + 1e-4, f"{what}: rel err {err:.3g} vs PyTorch's own {torch_err:.3g}"
+
+
+def float_bits(t: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of a float tensor, to compare bit for bit (-0.0 and 0.0 differ)."""
+    return t.view({torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[t.dtype])
+
+
+# ---------------------------------------------------------------------------- optional extras
+def bitsandbytes():
+    """bitsandbytes (the test extra), or a skip where it is not installed; under CI, which installs
+    the extra, a missing bitsandbytes is a failure."""
+    if os.environ.get("CI"):
+        import bitsandbytes as bnb
+
+        return bnb
+    return pytest.importorskip("bitsandbytes")
 
 
 # ---------------------------------------------------------------------------- a toy stack: x_{n+1} = tanh(y_n)

@@ -3,7 +3,7 @@
 Every table lists the candidates for any target and dtype; :func:`reslora_kernels.ops._target.usable`
 drops, per launch, those whose build does not fit the target's shared memory (e.g. large float32
 tiles on an A100) or spills registers (e.g. 128 x 256 tiles when the dropout hash runs on the
-tile). The compile matrix (``python -m reslora_kernels.ops.compile_matrix``) builds every row for
+tile). The compile matrix (``python -m tools.compile_matrix``) builds every row for
 sm_90a and sm_80 and checks that each launch keeps at least one config, that no offered 16-bit
 config spills, and what each build uses (docs/compile_matrix.md).
 
@@ -98,6 +98,18 @@ FOLD_UNALIGNED = [
     (32, 64, 4, 2),
     (64, 64, 4, 2),
     (64, 128, 8, 2),
+]
+
+# The dequantization of a quantized base weight (dequant_4bit, dequant_int8): (BLOCK_N, BLOCK_K,
+# warps, stages) over the [N, K] output. Pure streaming, no loop: wide rows keep the packed-byte
+# loads and the 16-bit stores vectorised. 16 to 32 elements per thread: at 64 the odd-K path (an
+# int64 index per element) and the bfloat16 rounding spill.
+DEQUANT = [
+    (16, 256, 4, 1),
+    (32, 256, 8, 1),
+    (8, 512, 4, 1),
+    (16, 512, 8, 1),
+    (8, 256, 4, 1),
 ]
 
 #: The one config every kernel runs under the interpreter: tuning there would only cost minutes.
