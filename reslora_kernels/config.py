@@ -145,7 +145,8 @@ ChainKey = Union[str, Callable[[str], Any]]
 class ResLoRAConfig(BlockSettings):
     """How :func:`reslora_kernels.apply_reslora` puts ResLoRA into a model: the
     :class:`BlockSettings` of every block (``mode``, ``rank``, ``alpha``, ``dropout``, ``pre_num``,
-    ``norm_window``, ``autocast_adapter_dtype``, with their defaults), and which modules become blocks and how they chain.
+    ``norm_window``, ``autocast_adapter_dtype``, with their defaults), and which modules become blocks
+    and how they chain.
 
     Args:
         target_modules: which linear layers (``nn.Linear``, transformers' ``Conv1D``) to replace.

@@ -173,7 +173,8 @@ def merge_and_unload(
         warnings.warn(
             f"merge_and_unload(requantize=True): quantizing the merged weights again lost "
             f"{100 * sum(lost.values()) / len(lost):.1f}% of the merge terms on average (relative Frobenius norm; "
-            f"most: {100 * lost[worst]:.1f}% at {worst or 'the layer'}); requantize=False keeps them in a 16-bit nn.Linear",
+            f"most: {100 * lost[worst]:.1f}% at {worst or 'the layer'}); "
+            "requantize=False keeps them in a 16-bit nn.Linear",
             UserWarning,
             stacklevel=2,
         )

@@ -157,9 +157,13 @@ def test_exported_adapter_reproduces_the_model_exactly_over_the_same_base_gemm(c
 
 # peft's default is reentrant checkpointing, which the shortcut modes refuse (their gradient crosses
 # checkpointed segments); mode none runs under it.
-@pytest.mark.parametrize("mode, kwargs", [("none", None), ("is", {"use_reentrant": False})], ids=["none-reentrant", "is"])
+@pytest.mark.parametrize(
+    "mode, kwargs", [("none", None), ("is", {"use_reentrant": False})], ids=["none-reentrant", "is"]
+)
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
-def test_trains_under_prepare_model_for_kbit_training_with_gradient_checkpointing(checkpoint, mode, kwargs, compute_dtype):
+def test_trains_under_prepare_model_for_kbit_training_with_gradient_checkpointing(
+    checkpoint, mode, kwargs, compute_dtype
+):
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
     results = []
     for checkpointing in (False, True):

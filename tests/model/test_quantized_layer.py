@@ -258,7 +258,8 @@ def test_float32_adapters_over_16bit_bases_by_default_and_the_base_dtype_on_requ
     # A bf16 step of lr * grad on an entry of lora_B below the bf16 step of the entry is rounded
     # away; the float32 adapter keeps it.
     entry = ours.layers[0].lora_B.detach()[0, 0]
-    assert float(entry + entry * 1e-4) != float(entry) and float((entry + entry * 1e-4).to(dtype)) == float(entry.to(dtype))
+    step = entry * 1e-4
+    assert float(entry + step) != float(entry) and float((entry + step).to(dtype)) == float(entry.to(dtype))
     save_reslora(ours, tmp_path / "a")
     torch.manual_seed(0)  # the same base weights
     loaded = load_reslora(Stack([nn.Linear(K, N, dtype=dtype) for _ in range(2)]), tmp_path / "a")
