@@ -30,7 +30,7 @@ if IS_CUDA:
                  num_key_value_heads=4, vocab_size=32000)  # fmt: skip
     SEQ, BATCH = 1024, 4
 else:
-    M, K, N, ROUNDS = 256, 1024, 1024, 7
+    M, K, N, ROUNDS = 256, 1024, 1024, 5
     SIZES = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512)  # fmt: skip
     SEQ, BATCH = 64, 2
