@@ -2,7 +2,7 @@
 sentiment, every mode with the same seeds, steps and data order, and see what each merge keeps.
 
     pip install -e ".[examples]"
-    python examples/compare_modes.py --threads 1  # the committed experiment (its time: see README)
+    python examples/compare_modes.py --threads 1  # the committed experiment (its time: see examples/README.md)
     python examples/compare_modes.py --quick      # seconds of training: what CI runs so the example cannot rot
 
 For every seed: plain LoRA (mode ``none``) at each learning rate of a small sweep, and ``is``, ``bs``,
@@ -14,7 +14,7 @@ the comparison is rebuilt from its saved adapter (``save_reslora`` / ``load_resl
 
 Writes ``compare_modes.json`` (versions, git commit, settings, per-step training loss, accuracies)
 and ``compare_modes.png`` (training-loss curves, held-out accuracy per mode, the learning-rate
-sweep) to ``--out``; ``examples/compare_report.py`` makes the README's table from the JSON.
+sweep) to ``--out``; ``examples/compare_report.py`` makes examples/README.md's table from the JSON.
 """
 
 from __future__ import annotations

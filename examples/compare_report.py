@@ -1,7 +1,7 @@
 """The table, the remarks and the plot of ``examples/compare_modes.py``, made from its results JSON.
 
     python examples/compare_report.py examples/results/compare_modes.json                     # print the table
-    python examples/compare_report.py examples/results/compare_modes.json --readme README.md  # rewrite README's
+    python examples/compare_report.py examples/results/compare_modes.json --readme examples/README.md  # its results
     python examples/compare_report.py examples/results/compare_modes.json --png out.png       # redraw the plot
 
 Nothing here is typed in: every number comes from the JSON, so README and results cannot disagree.
@@ -12,12 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import posixpath
 import statistics
 from pathlib import Path
 
 README_START = "<!-- example-results:start -->"
 README_END = "<!-- example-results:end -->"
 IMAGE = "examples/results/compare_modes.png"
+#: The page whose results section this writes; the plot is linked relative to it.
+README = "examples/README.md"
 DIRTY = " with uncommitted changes"
 COLORS = {"lora_base": "tab:gray", "lora_best": "black", "is": "tab:blue", "bs": "tab:orange", "ms": "tab:green"}
 
@@ -341,7 +344,8 @@ def plot(results: dict, path: Path) -> None:
 
 # ----------------------------------------------------------------------------- README
 def readme_block(results: dict) -> str:
-    return f"{README_START}\n![ResLoRA vs LoRA on tweet sentiment]({IMAGE})\n\n{markdown(results)}{README_END}"
+    image = posixpath.relpath(IMAGE, posixpath.dirname(README))
+    return f"{README_START}\n![ResLoRA vs LoRA on tweet sentiment]({image})\n\n{markdown(results)}{README_END}"
 
 
 def update_readme(readme: Path, results: dict) -> None:
@@ -356,7 +360,7 @@ def update_readme(readme: Path, results: dict) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", type=Path)
-    parser.add_argument("--readme", type=Path, help="rewrite this README's example-results section")
+    parser.add_argument("--readme", type=Path, help=f"rewrite the example-results section of this page ({README})")
     parser.add_argument("--png", type=Path, help="draw the plot here")
     args = parser.parse_args(argv)
     results = json.loads(args.results.read_text())

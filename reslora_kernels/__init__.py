@@ -1,11 +1,13 @@
 """reslora_kernels: fused ResLoRA (residual LoRA) training, merging and export for PyTorch."""
 
 from .apply import apply_reslora
-from .backend import FusedBackendFailure, backend_choices, backend_report
+from .autotune import FusedBackendFailure
+from .backend import backend_choices, backend_report, resolve_backend, set_backend, use_backend
 from .chain import ResLoRAChain, link_chain
 from .chaining import chain_key
 from .config import MODES, BlockSettings, ResLoRAConfig
-from .functional import fold_lora_, fold_report, reslora_linear, resolve_backend
+from .fold import fold_lora_, fold_report
+from .functional import reslora_linear
 from .io import export_peft_adapter, load_reslora, save_reslora
 from .layer import FusedResLoRALinear
 from .merge_methods import MERGE_METHODS
@@ -45,6 +47,8 @@ __all__ = [
     "load_reslora",
     "reslora_linear",
     "resolve_backend",
+    "set_backend",
+    "use_backend",
     "backend_report",
     "backend_choices",
     "FusedBackendFailure",

@@ -1,5 +1,5 @@
 """The examples cannot rot: both scripts run in their --quick form and write what they promise, and
-the README's results section is what examples/compare_report.py makes from the committed JSON."""
+examples/README.md's results section is what examples/compare_report.py makes from the committed JSON."""
 
 import json
 import math
@@ -106,11 +106,11 @@ def test_trainer_recipe_quick_saves_adapter_and_merges(tmp_path):
 # ----------------------------------------------------------------------------- committed results
 def test_readme_results_are_generated_from_the_committed_json():
     results = json.loads(RESULTS.read_text())
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / report.README).read_text()
     start, end = readme.index(report.README_START), readme.index(report.README_END) + len(report.README_END)
     assert readme[start:end] == report.readme_block(results), (
-        "README's example results differ from the committed JSON: "
-        "python examples/compare_report.py examples/results/compare_modes.json --readme README.md"
+        f"{report.README}'s example results differ from the committed JSON: "
+        f"python examples/compare_report.py examples/results/compare_modes.json --readme {report.README}"
     )
 
 
@@ -128,10 +128,10 @@ def test_committed_results_are_a_full_run():
 def test_readme_trainer_lines_compile_and_name_the_public_api():
     import reslora_kernels
 
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### With transformers.Trainer") :]
+    readme = (ROOT / report.README).read_text()
+    section = readme[readme.index("## With transformers.Trainer") :]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    compile(code, "README.md", "exec")
+    compile(code, report.README, "exec")
     imported = re.search(r"from reslora_kernels import (.*)", code).group(1)
     for name in (n.strip() for n in imported.split(",")):
         assert hasattr(reslora_kernels, name), name
