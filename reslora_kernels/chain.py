@@ -189,6 +189,8 @@ class ResLoRAChain:
             span = [self.blocks[j] for j in self.span(index)]
             if len(span) == 1:
                 return None, None, block.lora_A, block.lora_B
+            if not torch.compiler.is_compiling():
+                self._check_unsharded(index, span)
             # Blocks may sit on different devices (pipeline-split models): bring them to x's.
             lora_A = torch.cat([b.lora_A.to(x.device) for b in span], dim=0)
             lora_B = torch.cat([b.lora_B.to(x.device) for b in span], dim=1)
@@ -210,6 +212,24 @@ class ResLoRAChain:
                 z_prev = z if z_prev is None else z_prev + z
         return None, z_prev.to(x.device), block.lora_A, block.lora_B
 
+    def _check_unsharded(self, index: int, span: list[ChainBlock]) -> None:
+        """Raise unless every adapter ``bs`` block ``index`` sums over is whole here: FSDP (with
+        ``use_orig_params``) leaves a resharded block's parameters as flat shards, FSDP2 as DTensors,
+        once that block's own unit has run its forward."""
+        resharded = [
+            self.block_names[j]
+            for j, b in zip(self.span(index), span)
+            if _sharded(b.lora_A, (b.rank, b.in_features)) or _sharded(b.lora_B, (b.out_features, b.rank))
+        ]
+        if resharded:
+            raise RuntimeError(
+                f"{self.describe(index)} sums the adapters of {', '.join(resharded)}, which FSDP has resharded "
+                "after their own forward: mode 'bs' reads earlier blocks' parameters, so it cannot run with the "
+                "blocks of one chain in different FSDP/FSDP2 units (per-layer wrapping). Put the whole chain in one "
+                "unit (e.g. fully_shard(model) alone, or FSDP without an auto_wrap_policy), train with DDP, or use "
+                "mode 'is' or 'ms', which read this pass's activations instead"
+            )
+
     def record(self, current: Pass, index: int, x: torch.Tensor, z: torch.Tensor) -> None:
         """What block ``index`` leaves for its successors in ``current``: its input (is), its ``z``
         (ms), or the running sum of every ``z`` so far (ms, ``pre_num = -1``)."""
@@ -225,6 +245,17 @@ class ResLoRAChain:
         whose autograd graph keeps the pass for recomputation while backward may need it."""
         if self.mode in ("is", "ms"):
             self._passes().finish(block._chain_index, x, z, y)
+
+
+def _sharded(param: torch.Tensor, shape: tuple[int, int]) -> bool:
+    """Whether ``param`` (of a block's logical ``shape``) is held by FSDP as a shard, not whole: an
+    FSDP2 DTensor, an FSDP flat shard (another shape), or a view whose storage was freed."""
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(param, DTensor):
+            return True
+    return tuple(param.shape) != shape or (param.numel() > 0 and param.untyped_storage().size() == 0)
 
 
 def link_chain(

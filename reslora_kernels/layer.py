@@ -15,6 +15,7 @@ from . import backend, functional, reference
 from .base_layers import base_features, base_problem, is_conv1d, reset_base_parameters
 from .chain import ResLoRAChain
 from .config import BlockSettings
+from .passes import recomputing
 from .statistics import NormStatistics
 
 __all__ = ["FusedResLoRALinear"]
@@ -172,8 +173,9 @@ class FusedResLoRALinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def register_shortcut_hook(self, hook: Callable) -> RemovableHandle:
-        """Call ``hook(block, x, x_prev, z_prev)`` in every forward, once the chain has supplied the
-        block's shortcut inputs (``x_prev`` for is, ``z_prev`` for ms, else ``None``) and before the
+        """Call ``hook(block, x, x_prev, z_prev)`` once per forward pass (not again when gradient
+        checkpointing recomputes the block in backward), once the chain has supplied the block's
+        shortcut inputs (``x_prev`` for is, ``z_prev`` for ms, else ``None``) and before the
         block computes. For tools that observe the shortcut (the lstsq merge's calibration);
         returns a handle whose ``remove()`` unregisters it."""
         handle = RemovableHandle(self._shortcut_hooks)
@@ -195,11 +197,14 @@ class FusedResLoRALinear(nn.Module):
         except (TypeError, ValueError) as err:
             raise type(err)(f"{self._where()}: {err}") from None
         resolved = backend.resolve_backend(x)
+        # A block recomputed in backward (gradient checkpointing) records nothing a second time.
+        recomputed = recomputing()
+        hooks = self._shortcut_hooks and not recomputed
         x_prev = z_prev = None
         if mode != "none":
             own_A = lora_A
             x_prev, z_prev, lora_A, lora_B = chain.shortcut_inputs(self, x)
-            if self._shortcut_hooks:
+            if hooks:
                 for hook in tuple(self._shortcut_hooks.values()):
                     hook(self, x, x_prev, z_prev)
             if x_prev is not None or z_prev is not None or lora_A is not own_A:
@@ -211,7 +216,7 @@ class FusedResLoRALinear(nn.Module):
                         f"{self._where()}: {err}; the shortcut input came from its predecessor "
                         f"{chain.block_names[self._chain_index - 1]}"
                     ) from None
-        elif self._shortcut_hooks:
+        elif hooks:
             for hook in tuple(self._shortcut_hooks.values()):
                 hook(self, x, None, None)
         if dtype is not None:
@@ -219,7 +224,7 @@ class FusedResLoRALinear(nn.Module):
                 dtype, x, weight, bias, lora_A, lora_B, x_prev, z_prev
             )
         training = self.training
-        record = training and self.statistics is not None
+        record = training and self.statistics is not None and not recomputed
         y, z, x_sqnorm = functional.call(
             resolved,
             x,

@@ -43,6 +43,14 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def recomputing() -> bool:
+    """Whether the forward running now recomputes one that already ran (gradient checkpointing
+    re-runs a segment in backward, reentrant or not). What a block records (its norm statistics,
+    its chain's pass, what its shortcut hooks observe) is recorded once per forward pass, never in a
+    recomputation. Compiled code never re-runs Python, and Dynamo must not trace the graph-task query."""
+    return not torch.compiler.is_compiling() and in_backward()
+
+
 def in_reentrant_checkpoint() -> bool:
     """Whether a reentrant ``torch.utils.checkpoint`` forward is on the stack (it runs its
     function under ``no_grad``, so this is only asked when grad is off)."""
@@ -61,17 +69,22 @@ class Pass:
     """What the blocks of one chain wrote in one forward pass: ``records[n]`` is block n's input
     (is) or down-projection (ms); ``last_index`` the block that ran last in it."""
 
-    __slots__ = ("records", "last_index", "model_pass", "released", "__weakref__")
+    __slots__ = ("records", "last_index", "model_pass", "released", "anchor", "__weakref__")
 
     def __init__(self, model_pass: int | None = None, last_index: int | None = 0) -> None:
         self.records: dict[int, torch.Tensor] = {}
         self.last_index = last_index
         self.model_pass = model_pass
         self.released = False
+        self.anchor = None  # the graph node of block 0's output, once the pass awaits backward
 
     def release(self) -> None:
         self.records.clear()
         self.released = True
+
+    def in_running_backward(self) -> bool:
+        """Whether the backward running now reaches this pass's block 0 (asked in backward only)."""
+        return self.anchor is not None and torch._C._will_engine_execute_node(self.anchor)
 
 
 class PassOwner(Protocol):
@@ -172,11 +185,13 @@ def untrack_passes(model: torch.nn.Module) -> list[PassOwner]:
 
 # ---------------------------------------------------------------------------- the three kinds of pass
 def _releaser(ref: weakref.ref):
-    """A node hook releasing the pass ``ref`` points to, if it is still alive."""
+    """A node hook releasing the pass ``ref`` points to, if it is still alive, once a backward that
+    frees the graph has passed it. A backward with ``retain_graph=True`` keeps the graph, so a later
+    backward may recompute the pass's blocks again: the pass is kept too."""
 
     def hook(grad_inputs, grad_outputs) -> None:
         current = ref()
-        if current is not None:
+        if current is not None and not torch._C._autograd._get_current_graph_task_keep_graph():
             current.release()
 
     return hook
@@ -192,7 +207,9 @@ class RecomputedPasses:
         self._lock = threading.Lock()
 
     def await_backward(self, current: Pass, y: torch.Tensor) -> None:
-        """Keep ``current`` findable until backward has passed block 0, whose output is ``y``."""
+        """Keep ``current`` findable until a backward that frees the graph has passed block 0, whose
+        output is ``y``."""
+        current.anchor = y.grad_fn  # the pass holds its block 0's node; the node never holds the pass
         with self._lock:
             self.awaiting.add(current)
         # A weak reference: block 0's node is reachable from the records (x_1 depends on y_0), and
@@ -200,24 +217,43 @@ class RecomputedPasses:
         y.grad_fn.register_hook(_releaser(weakref.ref(current)))
 
     def join(self, index: int, training: bool) -> Pass:
-        """The pass a block recomputed by gradient checkpointing belongs to."""
+        """The pass a block recomputed by gradient checkpointing belongs to: the one pass of its
+        chain still kept that got as far as this block, or else the one of those the running
+        backward reaches (a forward kept for logging and never backwarded is not it)."""
         if index == 0:
             return Pass()  # block 0 reads nothing from its chain
         with self._lock:
-            candidates = [p for p in self.awaiting if not p.released and p.last_index >= index]
+            passes = [p for p in self.awaiting if p.last_index >= index]
+        candidates = [p for p in passes if not p.released]
         if len(candidates) == 1:
             return candidates[0]
+        reached = [p for p in candidates if p.in_running_backward()]
+        if len(reached) == 1:
+            return reached[0]
         where = self.chain.describe(index)
-        if not candidates:
+        if len(reached) > 1:
             raise ChainOrderError(
-                f"{where} is recomputed in backward (gradient checkpointing), but the forward pass it belongs to "
-                "kept no activations: was it run under no_grad or reentrant checkpointing? Use "
-                "torch.utils.checkpoint.checkpoint(..., use_reentrant=False)"
+                f"{where} is recomputed in backward (gradient checkpointing) by one backward through {len(reached)} "
+                "forward passes of its chain (e.g. (loss_a + loss_b).backward() after two forwards), and ResLoRA "
+                "cannot tell which one it belongs to: with gradient checkpointing, run backward after each forward "
+                "(or use mode 'bs')"
+            )
+        if candidates:
+            raise ChainOrderError(
+                f"{where} is recomputed in backward (gradient checkpointing), but none of the {len(candidates)} "
+                "forward passes of its chain still kept is reached by this backward"
+            )
+        if any(p.in_running_backward() for p in passes):
+            raise ChainOrderError(
+                f"{where} is recomputed in backward (gradient checkpointing), but an earlier backward through the "
+                "same forward pass ran without retain_graph=True and freed it (e.g. loss_a.backward(); "
+                "loss_b.backward() on one forward): pass retain_graph=True to every backward but the last, or "
+                "backward the sum of the losses"
             )
         raise ChainOrderError(
-            f"{where} is recomputed in backward (gradient checkpointing) while {len(candidates)} forward passes "
-            "of its chain await backward, and ResLoRA cannot tell which one it belongs to: with gradient "
-            "checkpointing, run backward after each forward (or use mode 'bs')"
+            f"{where} is recomputed in backward (gradient checkpointing), but the forward pass it belongs to "
+            "kept no activations: its forward ran without an autograd graph for the chain (under no_grad, or "
+            "reentrant checkpointing in eval mode). Use torch.utils.checkpoint.checkpoint(..., use_reentrant=False)"
         )
 
     def finish(self, index: int, x: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> None:

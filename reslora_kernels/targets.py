@@ -118,6 +118,36 @@ def base_layer_problem(name: str, module: nn.Module) -> str | None:
     return None
 
 
+#: Modules whose forward may compute with the weights of their linear children directly instead of
+#: calling the children: a ResLoRA block in a child's place would be bypassed, silently. (type,
+#: what it does); a subclass is taken as its base does.
+BYPASSING_PARENTS: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.MultiheadAttention, "computes attention from out_proj.weight directly, never calling out_proj"),
+    (
+        nn.TransformerEncoderLayer,
+        "runs PyTorch's fused fast path in eval mode (torch._transformer_encoder_layer_fwd), which reads "
+        "linear1.weight and linear2.weight directly instead of calling them: in eval the LoRA would be ignored",
+    ),
+)
+
+
+def bypass_problem(model: nn.Module, names: list[str]) -> str | None:
+    """Why the module named ``names`` in ``model`` cannot be a block because its parent bypasses its
+    forward (:data:`BYPASSING_PARENTS`); ``None``: no parent does."""
+    for name in names:
+        parent_name = name.rpartition(".")[0]
+        parent = model.get_submodule(parent_name) if parent_name else model
+        for kind, why in BYPASSING_PARENTS:
+            if isinstance(parent, kind):
+                where = f"its parent {parent_name}" if parent_name else "the model"
+                return (
+                    f"{name} cannot be adapted: {where} ({type(parent).__name__}) {why}. Exclude it from "
+                    "target_modules, or use a model whose layers call their linear layers (a transformers model, "
+                    "or your own layer whose forward calls self.linear1(x))"
+                )
+    return None
+
+
 def module_names(model: nn.Module) -> dict[int, list[str]]:
     """``id(module)`` -> every name it has in ``model`` (a module reachable under two names must be
     replaced under both)."""
@@ -140,7 +170,7 @@ def matched_targets(model: nn.Module, names: dict[int, list[str]], config: ResLo
         if not name or id(mod) in seen or not is_linear(mod) or not matches(wanted, name):
             continue
         seen.add(id(mod))
-        problem = base_layer_problem(name, mod)
+        problem = base_layer_problem(name, mod) or bypass_problem(model, names[id(mod)])
         if problem is not None and lenient:
             skipped.append(problem)  # all-linear takes what it can, and says what it left
             continue
@@ -149,6 +179,8 @@ def matched_targets(model: nn.Module, names: dict[int, list[str]], config: ResLo
         targets.append((names[id(mod)], mod))
     if skipped:
         warnings.warn("ResLoRA all-linear leaves out: " + "; ".join(skipped), UserWarning, stacklevel=4)
+    if not targets and skipped:
+        raise ValueError("all-linear found no linear layer ResLoRA can adapt: " + "; ".join(skipped))
     if not targets:
         raise ValueError(
             f"no linear layer (nn.Linear or Conv1D) in the model matches target_modules={wanted!r} ({how}); "
@@ -165,7 +197,7 @@ def named_targets(model: nn.Module, names: dict[int, list[str]], block_names: li
         mod = modules.get(name) if name else None
         if mod is None:
             raise ValueError(f"the model has no module {name!r}")
-        problem = base_layer_problem(name, mod)
+        problem = base_layer_problem(name, mod) or bypass_problem(model, names[id(mod)])
         if problem is not None:
             raise ValueError(problem)
         if clean_name(names[id(mod)][0]) != name:

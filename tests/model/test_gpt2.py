@@ -173,7 +173,7 @@ def test_all_linear_takes_every_linear_layer_but_the_output_head():
 
 
 def test_all_linear_leaves_out_what_it_cannot_adapt_and_says_so():
-    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16)
+    layer = nn.TransformerDecoderLayer(8, 2, dim_feedforward=16)
     with pytest.warns(UserWarning, match=r"all-linear leaves out: self_attn.out_proj is the output projection"):
         apply_reslora(layer, ResLoRAConfig(mode="none", target_modules="all-linear"))
     assert isinstance(layer.linear1, FusedResLoRALinear) and not isinstance(

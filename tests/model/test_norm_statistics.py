@@ -82,3 +82,93 @@ def test_zero_norms_are_recorded_and_skipped_by_the_mean():
     model(x)
     assert (int(block.statistics.norm_count), int(block.statistics.norm_nonfinite)) == (2, 0)
     assert block.statistics.mean_norm() == pytest.approx(float(x.norm()), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------- gradient checkpointing
+class SegmentStack(ToyStack):
+    """The toy stack checkpointed a block and its tanh at a time: the recomputation runs on past the
+    block (as a checkpointed decoder layer does), so checkpointing's early stop cannot hide a record."""
+
+    def forward(self, x):
+        ys = []
+        for block in self.blocks:
+
+            def segment(x, block=block):
+                y = block(x)
+                return y, torch.tanh(y)
+
+            y, x = torch.utils.checkpoint.checkpoint(segment, x, use_reentrant=False) if self.checkpoint else segment(x)
+            ys.append(y)
+        return ys
+
+
+def _train(model, steps=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(4, 6, dtype=torch.float64, generator=generator, requires_grad=True)
+        sum(y.sum() for y in model(x)).backward()
+
+
+@pytest.mark.parametrize("mode", ["is", "ms"])
+def test_checkpointing_records_each_forward_once(mode):
+    """A block recomputed in backward records nothing: the statistics, and so the input_norm merge,
+    are those of the run without checkpointing. Before: every recomputed block counted each step
+    twice, so norm_count was 8 after 4 steps and the merge differed."""
+    torch.manual_seed(0)
+    plain = SegmentStack(4, 6, mode, pre_num=-1, norm_window=3).train()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.checkpoint = "non-reentrant"
+    calls = []
+    for block in checkpointed.blocks:
+        block.register_shortcut_hook(lambda block, *shortcut: calls.append(block))
+    _train(plain)
+    _train(checkpointed)
+    assert len(calls) == 4 * len(checkpointed.blocks)  # shortcut hooks observe each forward once too
+    for block, block_ckpt in zip(plain.blocks, checkpointed.blocks):
+        assert int(block.statistics.norm_count) == 4
+        assert int(block_ckpt.statistics.norm_count) == 4
+        assert torch.equal(block_ckpt.statistics.norm_sq_window, block.statistics.norm_sq_window)
+    merge_and_unload(plain)
+    merge_and_unload(checkpointed)
+    for block, block_ckpt in zip(plain.blocks, checkpointed.blocks):
+        assert torch.equal(block_ckpt.weight, block.weight)
+
+
+@pytest.mark.parametrize("mode", ["is", "ms"])
+def test_hf_gradient_checkpointing_records_each_forward_once(mode):
+    """The same through transformers' gradient checkpointing of a whole decoder layer."""
+    from helpers import tiny_llama
+
+    from reslora_kernels import ResLoRAConfig, apply_reslora
+
+    torch.manual_seed(0)
+    base = tiny_llama(layers=3)
+    plain = copy.deepcopy(base)
+    config = ResLoRAConfig(mode=mode, rank=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    apply_reslora(plain, config)
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for model in (plain, checkpointed):
+        model.train()
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            ids = torch.randint(0, 64, (2, 7), generator=generator)
+            model(input_ids=ids, labels=ids).loss.backward()
+    counts = {name: int(t) for name, t in plain.named_buffers() if name.endswith("norm_count")}
+    counts_ckpt = {name: int(t) for name, t in checkpointed.named_buffers() if name.endswith("norm_count")}
+    assert counts_ckpt == counts and set(counts.values()) == {4}
+    merge_and_unload(plain)
+    merge_and_unload(checkpointed)
+    for (name, p), (_, p_ckpt) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+        assert torch.equal(p_ckpt, p), name
+
+
+@pytest.mark.parametrize("mode", ["none", "bs"])
+def test_reentrant_recomputation_calls_no_shortcut_hook(mode):
+    """Reentrant checkpointing (none and bs; is and ms refuse it) re-runs the block in backward too."""
+    model = ToyStack(3, 6, mode, checkpoint="reentrant").train()
+    calls = []
+    for block in model.blocks:
+        block.register_shortcut_hook(lambda block, *shortcut: calls.append(block))
+    _train(model, steps=2)
+    assert len(calls) == 2 * len(model.blocks)

@@ -93,6 +93,56 @@ def test_two_checkpointed_passes_in_one_backward_raise(mode):
         loss.backward()
 
 
+@pytest.mark.parametrize("checkpoint", [None, "non-reentrant"])
+@pytest.mark.parametrize("mode", MODES)
+def test_two_backwards_through_one_forward(mode, checkpoint):
+    """loss_a.backward(retain_graph=True); loss_b.backward() (two task heads on one forward): the
+    pass is kept until the last backward, and the gradients are those of (loss_a + loss_b).
+    Before: with checkpointing the first backward released the pass, and the second raised that
+    the forward "kept no activations"."""
+    model = ToyStack(3, 6, mode, checkpoint=checkpoint).train()
+    summed = copy.deepcopy(model)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    ys = model(x)
+    ys[-1].sum().backward(retain_graph=True)
+    sum((y * 2).sum() for y in ys).backward()
+    ys = summed(x)
+    (ys[-1].sum() + sum((y * 2).sum() for y in ys)).backward()
+    for (dA, dB), (dA2, dB2) in zip(grads(model), grads(summed)):
+        assert rel_err(dA, dA2) < 1e-13 and rel_err(dB, dB2) < 1e-13
+
+
+@pytest.mark.parametrize("checkpoint", [None, "non-reentrant"])
+@pytest.mark.parametrize("mode", MODES)
+def test_a_kept_forward_never_backwarded_does_not_break_later_steps(mode, checkpoint):
+    """A grad-enabled forward whose loss is kept (for logging) and never backwarded: the later
+    steps train exactly as without it. Before: with checkpointing every later step raised that
+    several passes await backward."""
+    model = ToyStack(3, 6, mode, checkpoint=checkpoint).train()
+    clean = copy.deepcopy(model)
+    logged = [sum(y.sum() for y in model(torch.randn(4, 6, dtype=torch.float64)))]  # noqa: F841
+    for step in range(3):
+        x = torch.randn(4, 6, dtype=torch.float64)
+        for stack in (model, clean):
+            for block in stack.blocks:
+                block.lora_A.grad = block.lora_B.grad = None
+            sum(y.sum() for y in stack(x)).backward()
+        for (dA, dB), (dA2, dB2) in zip(grads(model), grads(clean)):
+            assert torch.equal(dA, dA2) and torch.equal(dB, dB2)
+
+
+@pytest.mark.parametrize("mode", ["is", "ms"])
+def test_a_second_backward_after_release_names_retain_graph(mode):
+    """Two losses on one checkpointed forward, the first backwarded without retain_graph through
+    block 0: the second cannot recompute the part of the pass it still needs, and says why."""
+    model = ToyStack(3, 6, mode, checkpoint="non-reentrant").train()
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    ys = model(x)
+    ys[1].sum().backward()  # frees blocks 0 and 1 of the graph, not block 2's segment
+    with pytest.raises(ChainOrderError, match=r"retain_graph=True"):
+        ys[2].sum().backward()
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_two_passes_in_one_backward_without_checkpointing(mode):
     model = ToyStack(3, 6, mode).train()

@@ -2,8 +2,6 @@
 merge, report, export and summary work through the wrappers and write files a bare model loads."""
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -64,14 +62,13 @@ def _expect_error(fn, match: str) -> None:
         raise AssertionError(f"no error, expected {match!r}")
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _worker(rank: int, world: int, init_method: str, out: str) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
     from torch.nn.parallel import DistributedDataParallel
 
     out = Path(out)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
         # DDP: every entry point on the wrapper.
         model = apply_reslora(base_model(), CONFIG)
@@ -121,10 +118,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _rendezvous(tmp_path: Path) -> str:
+    """A file rendezvous for the process group: a fresh file per test, so no two runs (or tests
+    running at once) can race for a TCP port."""
+    return (tmp_path / "rendezvous").resolve().as_uri()
 
 
 def _assert_adapters_equal(got: dict, expected: dict) -> None:
@@ -136,7 +133,7 @@ def _assert_adapters_equal(got: dict, expected: dict) -> None:
 def test_ddp_and_fsdp_wrapped_models_on_gloo(tmp_path):
     """Two CPU processes: DDP, FSDP and FSDP2 train, save and (DDP) merge, report and export
     through their wrappers; every file loads into a bare model bit-exactly."""
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _rendezvous(tmp_path), str(tmp_path)), nprocs=2, join=True)
 
     bare = load_reslora(base_model(), tmp_path / "ddp")
     _assert_adapters_equal(adapters(bare), torch.load(tmp_path / "ddp_expected.pt"))
@@ -155,6 +152,72 @@ def test_ddp_and_fsdp_wrapped_models_on_gloo(tmp_path):
         for rank in range(2):
             loaded = load_reslora(base_model(), tmp_path / f"{kind}_rank{rank}")
             _assert_adapters_equal(adapters(loaded), torch.load(tmp_path / f"{kind}_expected_rank{rank}.pt"))
+
+
+BS_CONFIG = ResLoRAConfig(mode="bs", rank=2, pre_num=-1, target_modules=["proj", "out"])
+
+
+def _bs_model() -> nn.Module:
+    model = apply_reslora(base_model(), BS_CONFIG)
+    with torch.no_grad():
+        for block in (m for m in model.modules() if isinstance(m, FusedResLoRALinear)):
+            block.lora_B.normal_()  # B = 0 would hide the sum over the earlier blocks
+    return model
+
+
+def _bs_worker(rank: int, world: int, init_method: str, out: str) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    results = {}
+    try:
+        x = torch.linspace(-1.0, 1.0, 24).reshape(4, 6)  # the same batch on both ranks
+        # One unit per block: a later block's forward finds the earlier blocks resharded.
+        per_block = {
+            "fsdp": lambda m: FullyShardedDataParallel(
+                m, auto_wrap_policy=ModuleWrapPolicy({FusedResLoRALinear}), use_orig_params=True, device_id="cpu"
+            ),
+            "fsdp2": lambda m: [fully_shard(b) for b in m.modules() if isinstance(b, FusedResLoRALinear)]
+            and fully_shard(m),
+        }
+        for kind, wrap in per_block.items():
+            try:
+                wrap(_bs_model())(x)
+            except RuntimeError as err:
+                results[kind] = str(err)
+            else:
+                results[kind] = None
+        # The whole chain in one FSDP2 unit: bs trains, its gradients those of the bare model.
+        model = _bs_model()
+        bare = _bs_model()
+        fully_shard(model)
+        model(x).square().mean().backward()
+        bare(x).square().mean().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results["one_unit_grads"] = len(grads) == 12 and all(
+            torch.allclose(g.full_tensor(), bare.get_parameter(n).grad, rtol=1e-5, atol=1e-6) for n, g in grads.items()
+        )
+        if rank == 0:
+            (Path(out) / "bs_results.json").write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bs_under_per_layer_fsdp_is_refused_and_one_unit_trains(tmp_path):
+    """bs sums earlier blocks' adapters; FSDP/FSDP2 with a unit per layer has resharded them by then.
+    Before: FSDP2 raised "aten.cat.default got mixed torch.Tensor and DTensor" from inside the block,
+    FSDP "Tensors must have same number of dimensions: got 2 and 1"."""
+    mp.spawn(_bs_worker, args=(2, _rendezvous(tmp_path), str(tmp_path)), nprocs=2, join=True)
+    results = json.loads((tmp_path / "bs_results.json").read_text())
+    for kind in ("fsdp", "fsdp2"):
+        assert results[kind] is not None, kind
+        assert results[kind].startswith(
+            "layers.1.proj (block 1 of chain 'layers.*.proj', mode 'bs') sums the adapters of layers.0.proj, "
+            "which FSDP has resharded"
+        ), results[kind]
+        assert "one unit" in results[kind] and "mode 'is' or 'ms'" in results[kind]
+    assert results["one_unit_grads"]
 
 
 def test_torch_compile_wrapped_model(tmp_path):
