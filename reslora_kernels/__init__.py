@@ -1,7 +1,7 @@
 """reslora_kernels: fused ResLoRA (residual LoRA) training, merging and export for PyTorch."""
 
 from .apply import apply_reslora
-from .autotune import FusedBackendFailure
+from .autotune import AutotuneCacheWarning, FusedBackendFailure
 from .backend import backend_choices, backend_report, resolve_backend, set_backend, use_backend
 from .chain import ResLoRAChain, link_chain
 from .chaining import chain_key
@@ -52,4 +52,5 @@ __all__ = [
     "backend_report",
     "backend_choices",
     "FusedBackendFailure",
+    "AutotuneCacheWarning",
 ]

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from .base_layers import is_conv1d
 from .chain import ResLoRAChain, link_chain
-from .chaining import Chains, checked_chains, form_chains
+from .chaining import Chains, checked_chains, form_chains, sequential_children
 from .config import ResLoRAConfig
 from .layer import FusedResLoRALinear
 from .model_utils import clean_name, compiled_classes, sharded_by, unwrap_model
@@ -94,7 +94,8 @@ def plan_reslora(
     if chains is not None:
         return ApplyPlan(config=config, targets=targets, chains=checked_chains(dict(blocks), chains))
     all_names = [clean_name(name) for name, _ in model.named_modules()]
-    chains, notes = form_chains(config, blocks, all_names)
+    sequential = {clean_name(name) for name in sequential_children(model)}
+    chains, notes = form_chains(config, blocks, all_names, sequential)
     return ApplyPlan(config=config, targets=targets, chains=chains, warnings=notes)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 import re
 import sys
@@ -26,6 +27,18 @@ MODES = ("none", "is", "bs", "ms")
 NORM_MODES = ("is", "ms")
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+#: ``target_modules`` shorthand for every linear layer but the output head; matched without regard
+#: to case, as PEFT does (peft/tuners/tuners_utils.py, ``_maybe_include_all_linear_layers``).
+ALL_LINEAR = "all-linear"
+
+
+def _integer(name: str, value: Any) -> int:
+    """``value`` as a Python int: any integral number (``int``, ``numpy.int64``, ...), never a bool
+    (``True`` is an int to Python but no rank) nor a float, even a whole one."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    return int(value)
 
 
 def _outside_the_package() -> int:
@@ -67,28 +80,32 @@ class BlockSettings:
     norm_window: int = 100
 
     def __post_init__(self) -> None:
-        rank, alpha, dropout, mode, pre_num = self.rank, self.alpha, self.dropout, self.mode, self.pre_num
-        if isinstance(rank, bool) or not isinstance(rank, int):
-            raise TypeError(f"rank must be an int, got {type(rank).__name__}")
+        # numpy and other integral types are taken and stored as int (the config is saved as JSON).
+        rank, pre_num = _integer("rank", self.rank), _integer("pre_num", self.pre_num)
+        object.__setattr__(self, "rank", rank)
+        object.__setattr__(self, "pre_num", pre_num)
+        alpha, dropout, mode = self.alpha, self.dropout, self.mode
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
             raise ValueError(f"alpha must be a finite number, got {alpha!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        if not isinstance(alpha, (int, float)):  # numpy.float32 and the like: stored as a Python number
+            alpha = float(alpha)
+            object.__setattr__(self, "alpha", alpha)
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(map(repr, MODES))}")
-        if isinstance(pre_num, bool) or not isinstance(pre_num, int):
-            raise TypeError(f"pre_num must be an int, got {type(pre_num).__name__}")
         # pre_num only means something for the modes that sum over previous blocks.
         if mode in ("bs", "ms") and (pre_num == 0 or pre_num < -1):
             raise ValueError(
                 f"pre_num must be >= 1 (that many previous blocks) or -1 (all previous blocks) "
                 f"for mode {mode!r}, got {pre_num}"
             )
-        window = self.norm_window
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        window = _integer("norm_window", self.norm_window)
+        if window < 1:
             raise ValueError(f"norm_window must be an int >= 1, got {window!r}")
+        object.__setattr__(self, "norm_window", window)
         object.__setattr__(self, "dropout", float(dropout))
         if alpha == 0:
             warnings.warn(
@@ -145,7 +162,7 @@ class ResLoRAConfig(BlockSettings):
             A list/tuple of names matches a module whose full name equals an entry or ends with
             ``"." + entry`` (``"q_proj"`` matches ``model.layers.3.self_attn.q_proj``); a single
             string is a regular expression that must match the full module name; ``"all-linear"``
-            is every linear layer but the output head (PEFT's meaning); ``None`` takes the
+            (in any case, as PEFT reads it) is every linear layer but the output head (PEFT's meaning); ``None`` takes the
             defaults for ``model.config.model_type`` (:data:`reslora_kernels.DEFAULT_TARGET_MODULES`).
         chain_key: which blocks form a chain (is/bs/ms). ``None``: the default rule of
             :func:`reslora_kernels.chain_key` (every layer index becomes ``*``; MoE experts form
@@ -176,7 +193,10 @@ class ResLoRAConfig(BlockSettings):
         targets = self.target_modules
         if targets is None:
             return
-        if isinstance(targets, str):  # a regex, or "all-linear" (which compiles as one too)
+        if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+            object.__setattr__(self, "target_modules", ALL_LINEAR)  # "ALL-LINEAR" too, as PEFT reads it
+            return
+        if isinstance(targets, str):  # a regular expression
             try:
                 re.compile(targets)
             except re.error as err:

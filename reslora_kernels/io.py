@@ -14,11 +14,21 @@ import torch
 import torch.nn as nn
 
 from .apply import check_wrapping, execute_plan, plan_reslora
+from .targets import matched_targets, module_names
 from .base_layers import base_features
 from .config import ResLoRAConfig
 from .layer import FusedResLoRALinear
 from .merge_methods import chains_of, merge_terms
-from .model_utils import refuse_sharded, reslora_blocks, sharded_by, unwrap_model, whole_parameters
+from .model_utils import (
+    MERGED_ADAPTERS_ATTR,
+    adapter_fingerprint,
+    clean_name,
+    refuse_sharded,
+    reslora_blocks,
+    sharded_by,
+    unwrap_model,
+    whole_parameters,
+)
 from .transaction import ModelTransaction
 
 __all__ = ["save_reslora", "load_reslora", "export_peft_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -126,6 +136,42 @@ def save_reslora(model: nn.Module, path: str | os.PathLike) -> None:
     _write_atomically({out / WEIGHTS_NAME: weights, out / CONFIG_NAME: (json.dumps(meta, indent=2) + "\n").encode()})
 
 
+#: The fields of a block record (:func:`_block_record`).
+_BLOCK_FIELDS = frozenset(
+    ("name", "in_features", "out_features", "rank", "alpha", "dropout", "mode", "pre_num", "norm_window")
+)
+
+
+def _check_meta(config_file: Path, meta: dict) -> None:
+    """The entries :func:`load_reslora` reads are there and of their types (a config written by
+    another tool, or edited and re-hashed, must fail here with its name, not with a KeyError)."""
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{config_file} is not a complete ResLoRA adapter config: {what}")
+
+    for key in ("config", "blocks", "chains"):
+        if key not in meta:
+            raise bad(f"it has no {key!r} entry")
+    if meta["config"] is not None and not isinstance(meta["config"], dict):
+        raise bad(f"'config' is a {type(meta['config']).__name__}, not an object or null")
+    blocks, chains = meta["blocks"], meta["chains"]
+    if not isinstance(blocks, list) or not blocks:
+        raise bad("'blocks' is not a non-empty list")
+    for record in blocks:
+        if not isinstance(record, dict) or set(record) != _BLOCK_FIELDS or not isinstance(record["name"], str):
+            raise bad(f"the block record {record!r} does not have exactly the fields {sorted(_BLOCK_FIELDS)}")
+    if not isinstance(chains, list):
+        raise bad("'chains' is not a list")
+    for chain in chains:
+        if (
+            not isinstance(chain, dict)
+            or not isinstance(chain.get("name"), str)
+            or not isinstance(chain.get("blocks"), list)
+            or not all(isinstance(name, str) for name in chain["blocks"])
+        ):
+            raise bad(f"the chain record {chain!r} is not {{'name': str, 'blocks': [str, ...]}}")
+
+
 def _read_adapter(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """The config and the tensors of an adapter directory, both checked against their checksums."""
     from safetensors.torch import load
@@ -146,6 +192,7 @@ def _read_adapter(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     sha = meta.get("sha256")
     if not isinstance(sha, dict) or _meta_sha256(meta) != sha.get("config"):
         raise ValueError(f"{config_file} does not match its SHA-256 checksum: the file is corrupted or was edited")
+    _check_meta(config_file, meta)
     data = weights_file.read_bytes()
     if _sha256(data) != sha.get("weights"):
         raise ValueError(
@@ -188,13 +235,34 @@ def _check_tensors(file: Path, tensors: dict[str, torch.Tensor], expected: dict[
             raise ValueError(f"{file}: {key} holds negative values; merge statistics are squared norms and counts")
 
 
+def _check_same_targets(model: nn.Module, config: ResLoRAConfig, saved: list[str], src: Path) -> None:
+    """The saved config's ``target_modules`` choose in ``model`` exactly the blocks the adapter
+    holds: an adapter of 3 layers does not go into a 4-layer model, leaving the fourth untrained."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # all-linear's notes were given when it was applied
+        try:
+            chosen = [clean_name(names[0]) for names, _ in matched_targets(model, module_names(model), config)]
+        except ValueError as err:
+            raise ValueError(f"{src} does not fit this model: its target_modules choose no blocks here ({err})") from None
+    extra, absent = sorted(set(chosen) - set(saved)), sorted(set(saved) - set(chosen))
+    if extra or absent:
+        raise ValueError(
+            f"{src} does not fit this model: it holds {len(saved)} blocks, but its target_modules "
+            f"{config.target_modules!r} choose {len(chosen)} here; without an adapter in the file: {extra}; "
+            f"not chosen here: {absent}. Load it into the model it was trained on (the same layers)"
+        )
+
+
 @torch.no_grad()
 def load_reslora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load an adapter written by :func:`save_reslora` into ``model`` and return it.
 
     A model without ResLoRA layers first gets exactly the blocks and chains the adapter was saved
     with (settings from the saved config); a model that has them (built or linked by hand) must
-    have the same blocks, settings and chains. Any difference is an error naming it.
+    have the same blocks, settings and chains. Any difference is an error naming it: a model with
+    more (or other) layers than the adapter's target_modules chose when it was saved is refused, and
+    so is a model into which :func:`reslora_kernels.merge_and_unload` already merged this adapter
+    (loading it would add it a second time).
 
     Atomic: both files' checksums, every block name, setting and base layer, every tensor's
     presence, shape, dtype (the same, or one the model's holds exactly: bfloat16 into float32)
@@ -212,6 +280,14 @@ def load_reslora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         check_wrapping(model)  # raises: load before sharding
     blocks = reslora_blocks(model)
     given, model = model, unwrap_model(model) if blocks else check_wrapping(model)
+    merged = getattr(model, MERGED_ADAPTERS_ATTR, ())
+    factors = {name: (tensors.get(f"{name}.lora_A"), tensors.get(f"{name}.lora_B")) for name in saved}
+    complete = all(a is not None and b is not None for a, b in factors.values())  # else _check_tensors says
+    if merged and complete and adapter_fingerprint(factors) in merged:
+        raise ValueError(
+            f"the adapter in {src} is already merged into this model's weights (merge_and_unload): loading it "
+            "would add it a second time. Load it into the unmerged base model"
+        )
     plan = None
     if blocks:
         have = {name for name, _ in blocks}
@@ -241,6 +317,7 @@ def load_reslora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             block_names=[record["name"] for record in records],
             chains=[(chain["name"], chain["blocks"]) for chain in meta["chains"]],
         )
+        _check_same_targets(model, config, [record["name"] for record in records], src)
         expected = {}
         for (_, base), record in zip(plan.targets, records):
             with warnings.catch_warnings():

@@ -152,6 +152,18 @@ class FusedResLoRALinear(nn.Module):
         if self.statistics is not None:
             self.statistics.reset()
 
+    def _apply(self, fn, recurse=True):
+        # Memory materialised from the meta device (model.to_empty(device=...), as FSDP's and
+        # accelerate's deferred initialisation use) holds whatever was there, and HF's
+        # init_weights() does not know the adapter: an adapter coming from meta is initialised
+        # here, as the constructor would, so no block ever trains from garbage. The base layer
+        # is left to the model's own initialisation or checkpoint, as for any nn.Linear.
+        from_meta = self.lora_A.is_meta or self.lora_B.is_meta
+        super()._apply(fn, recurse)
+        if from_meta and not (self.lora_A.is_meta or self.lora_B.is_meta):
+            self.reset_lora_parameters()
+        return self
+
     def adapter_state_dict(self, keep_vars: bool = False) -> dict[str, torch.Tensor]:
         """The block's adapter, as :func:`reslora_kernels.save_reslora` names it after the block's
         name: ``lora_A``, ``lora_B`` and, for is/ms, ``norm_sq_window``, ``norm_count``,

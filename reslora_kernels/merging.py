@@ -14,7 +14,15 @@ import torch.nn as nn
 from . import fold
 from .layer import FusedResLoRALinear
 from .merge_methods import METHOD_MODES, MergeTerm, chains_of, merge_terms
-from .model_utils import refuse_sharded, reslora_blocks, run_batch, set_module, unwrap_model
+from .model_utils import (
+    MERGED_ADAPTERS_ATTR,
+    adapter_fingerprint,
+    refuse_sharded,
+    reslora_blocks,
+    run_batch,
+    set_module,
+    unwrap_model,
+)
 from .passes import track_passes, untrack_passes
 from .statistics import skipped_norms
 from .transaction import ModelTransaction
@@ -99,7 +107,9 @@ def merge_and_unload(
     ``from_linear`` or ``apply_reslora`` the module it was made from, the same object of the same
     type, its weight Parameter now holding the merged values, frozen). Returns the model (that base
     layer if ``model`` itself was a single :class:`FusedResLoRALinear`); nothing of ResLoRA is left
-    in it. A model wrapped in DDP or
+    in it but the attribute ``reslora_merged_adapters``, the fingerprints of the adapters folded in,
+    by which :func:`reslora_kernels.load_reslora` refuses to load one of them a second time. A model
+    wrapped in DDP or
     torch.compile is merged inside its wrapper and the bare model is returned (an FSDP-sharded one
     is refused: merge an unsharded copy).
     """
@@ -121,10 +131,15 @@ def merge_and_unload(
             )
         merged.append((block, weight))
     replacements = {id(layer): layer.base_layer for _, layer in blocks}
+    # Remembered on the merged model, so that loading the same adapter onto it again (which would
+    # add it a second time) is refused by load_reslora.
+    fingerprint = adapter_fingerprint({name: (layer.lora_A, layer.lora_B) for name, layer in blocks})
     with ModelTransaction(model) as tx:
         for block, weight in merged:
             tx.set_data(block.base_layer.weight, weight)
         root = replacements.get(id(model))
+        merged_into = model if root is None else root
+        tx.setattr(merged_into, MERGED_ADAPTERS_ATTR, (*getattr(merged_into, MERGED_ADAPTERS_ATTR, ()), fingerprint))
         if root is None:
             for name, mod in list(model.named_modules(remove_duplicate=False)):
                 if name and id(mod) in replacements:

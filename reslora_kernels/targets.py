@@ -13,22 +13,17 @@ from torch.nn.utils import parametrize
 
 from .base_layers import is_conv1d, is_linear
 from .chaining import chain_key
-from .config import ResLoRAConfig
+from .config import ALL_LINEAR, ResLoRAConfig
 from .layer import FusedResLoRALinear
 from .model_utils import clean_name
 
 __all__ = ["ALL_LINEAR", "DEFAULT_TARGET_MODULES"]
 
-#: ``target_modules`` shorthand for every linear layer (``nn.Linear`` and transformers' ``Conv1D``)
-#: but the model's output head, as PEFT means it (peft/tuners/tuners_utils.py,
-#: ``_maybe_include_all_linear_layers``).
-ALL_LINEAR = "all-linear"
-
 #: Targets used when ``target_modules`` is omitted, by ``model.config.model_type``: the attention
 #: query and value projections, the choice of PEFT's ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``
 #: (peft/utils/constants.py, checked against peft 0.21) for the same families.
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    **dict.fromkeys(("llama", "mistral", "qwen2", "gemma", "gemma2", "bart"), ["q_proj", "v_proj"]),
+    **dict.fromkeys(("llama", "mistral", "qwen2", "gemma", "gemma2", "bart", "opt"), ["q_proj", "v_proj"]),
     "gpt2": ["c_attn"],
     **dict.fromkeys(("bert", "roberta"), ["query", "value"]),
     "t5": ["q", "v"],
