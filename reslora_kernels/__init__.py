@@ -1,7 +1,7 @@
 """reslora_kernels: fused ResLoRA (residual LoRA) training, merging and export for PyTorch."""
 
 from .apply import apply_reslora, unload
-from .backend import backend_choices, backend_report
+from .backend import FusedBackendFailure, backend_choices, backend_report
 from .chain import ResLoRAChain, link_chain
 from .chaining import chain_key
 from .config import MODES, TASK_TYPES, BlockSettings, ResLoRAConfig
@@ -58,4 +58,5 @@ __all__ = [
     "resolve_backend",
     "backend_report",
     "backend_choices",
+    "FusedBackendFailure",
 ]

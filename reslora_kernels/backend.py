@@ -6,8 +6,9 @@
 * ``auto`` (default): CPU tensors run ``composed``; CUDA tensors run the faster of ``fused`` and
   ``composed`` for their (M bucket, K, N, rank, dtype, flags), timed on the call's own inputs
   the first time such a call is seen, as Triton's autotuner does. Where the fused kernels
-  cannot run (Triton missing, float64, a launch that fails, e.g. no kernel config fits),
-  ``auto`` runs ``composed``;
+  cannot run (Triton missing, float64) ``auto`` runs ``composed``; where a fused launch fails
+  while it is timed (a kernel that cannot be built or launched), ``auto`` runs ``composed`` and
+  says so once per key with a :class:`FusedBackendFailure` warning;
 * ``reference`` (alias ``torch``): the pure-PyTorch formula, the tests' oracle;
 * ``composed``: the vendor GEMMs in one autograd Function (``reslora_kernels.composed``);
 * ``fused`` (alias ``triton``): the Triton kernels; never falls back, raises where they cannot run.
@@ -23,6 +24,7 @@ import json
 import os
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -40,6 +42,7 @@ __all__ = [
     "ALIASES",
     "AutoTuner",
     "Choice",
+    "FusedBackendFailure",
     "TUNER",
     "requested_backend",
     "fused_unavailable",
@@ -59,6 +62,12 @@ ALIASES = {"torch": "reference", "triton": "fused"}
 TIMED_DEVICE_TYPES = ("cuda",)
 
 Impl = Callable[..., tuple]
+
+
+class FusedBackendFailure(UserWarning):
+    """The fused kernels failed where ``auto`` timed them, so ``composed`` runs for that shape.
+    Issued once per shape key, with the shape and the exception; :func:`backend_report` lists it.
+    Make it an error to stop at the first one: ``warnings.simplefilter("error", FusedBackendFailure)``."""
 
 
 # ---------------------------------------------------------------------------- the switch
@@ -270,6 +279,7 @@ class AutoTuner:
         self.cache_path = cache_path
         self.choices: dict[tuple, Choice] = {}
         self._loaded_from: Path | None = None
+        self._warned: set[tuple] = set()
 
     # -------------------------------------------------------------- disk cache
     def _path(self) -> Path | None:
@@ -337,16 +347,32 @@ class AutoTuner:
         if choice is None:
             self._load(key[0])
             choice = self.choices.get(key)
+            if choice is not None:
+                self._warn_failures(choice)  # a failure recorded by another process
         if choice is not None:
             return choice.backend
         if x.numel() == 0 or torch.compiler.is_compiling() or _capturing(x):
             # Nothing to time (an empty batch), or timing is impossible here: the safe choice.
             return "composed"
         choice = self._time(key, x, weight, bias, lora_A, lora_B, x_prev, z_prev, dropout_p, compute_x_sqnorm, grad)
+        self._warn_failures(choice)
         if choice.timings_ms.get(choice.backend) is not None:  # keep only real decisions
             self.choices[key] = choice
             self._save(choice)
         return choice.backend
+
+    def _warn_failures(self, choice: Choice) -> None:
+        """One :class:`FusedBackendFailure` per key whose fused candidate failed."""
+        reason = choice.failures.get("fused")
+        if reason is None or choice.key in self._warned:
+            return
+        self._warned.add(choice.key)
+        warnings.warn(
+            f"the fused kernels failed for {_key_text(choice.key)} ({reason}); {choice.backend} runs instead "
+            "(backend_report() lists every failure)",
+            FusedBackendFailure,
+            stacklevel=2,
+        )
 
     def _time(self, key, x, weight, bias, lora_A, lora_B, x_prev, z_prev, dropout_p, compute_x_sqnorm, grad) -> Choice:
         # Detached copies of the leaves: timing must not touch the caller's graph or .grad.
@@ -440,6 +466,9 @@ def backend_report() -> str:
     path = TUNER._path()
     if path is not None:
         lines.append(f"disk cache: {path}")
+    failed = [c for c in TUNER.choices.values() if "fused" in c.failures]
+    if failed:
+        lines.append(f"FusedBackendFailure: the fused kernels failed for {len(failed)} key(s); composed runs there")
     for c in TUNER.choices.values():
         times = ", ".join(f"{n} {'-' if ms is None else f'{ms:.3f} ms'}" for n, ms in c.timings_ms.items())
         line = f"  {_key_text(c.key)}: {times} -> {c.backend}"

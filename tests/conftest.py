@@ -9,6 +9,10 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# tests/real_launch/ runs kernels built for a GPU on a fake one: where this run builds them for
+# the interpreter, tests/test_real_launch.py runs those tests in processes of their own.
+collect_ignore_glob = ["real_launch/*"] if os.environ.get("TRITON_INTERPRET") == "1" else []
+
 #: Where the Triton kernel tests run: the GPU if there is one, else the interpreter on CPU.
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
 #: The interpreter's tl.dot multiplies bfloat16 bit patterns: bfloat16 is tested on the GPU only.

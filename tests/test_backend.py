@@ -2,12 +2,20 @@
 through Triton's interpreter standing in for CUDA), its fallbacks, cache and report."""
 
 import json
+import warnings
 
 import pytest
 import torch
 from toy import ToyStack
 
-from reslora_kernels import FusedResLoRALinear, backend, backend_report, functional, resolve_backend
+from reslora_kernels import (
+    FusedBackendFailure,
+    FusedResLoRALinear,
+    backend,
+    backend_report,
+    functional,
+    resolve_backend,
+)
 
 GRAD_FNS = {
     "reference": "AddBackward0",
@@ -177,14 +185,21 @@ def test_auto_falls_back_where_fused_cannot_run(timed_cpu, monkeypatch):
     layer64 = ToyStack(1, 24, "none", dtype=torch.float64).blocks[0]
     assert grad_fn_of(layer64, torch.randn(5, 24, dtype=torch.float64, requires_grad=True)) == GRAD_FNS["composed"]
     assert timer.calls == []
-    # A launch that fails (e.g. no kernel config fits): composed, and the report says why.
+    # A launch that fails (e.g. no kernel config fits): composed, a FusedBackendFailure warning naming
+    # the shape and the exception (pyproject makes it an error everywhere else), and the report says why.
     monkeypatch.setattr(backend, "_fused_impl", lambda: _failing_launch)
-    assert grad_fn_of(block(), torch.randn(5, 24, requires_grad=True)) == GRAD_FNS["composed"]
+    with pytest.warns(FusedBackendFailure, match=r"M<=8 K=24 N=24 r=4 float32 .*RuntimeError: no kernel config fits"):
+        assert grad_fn_of(block(), torch.randn(5, 24, requires_grad=True)) == GRAD_FNS["composed"]
     assert timer.calls == ["composed"]
     [choice] = backend.backend_choices()
     assert choice["timings_ms"] == {"fused": None, "composed": 2.0}
     assert "no kernel config fits" in choice["failures"]["fused"]
     assert "fused could not run: RuntimeError: no kernel config fits" in backend_report()
+    assert "FusedBackendFailure: the fused kernels failed for 1 key(s)" in backend_report()
+    # Once per key: the same key again is the cached choice, silently.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FusedBackendFailure)
+        assert grad_fn_of(block(), torch.randn(6, 24, requires_grad=True)) == GRAD_FNS["composed"]
     # Triton not importable: composed without timing.
     monkeypatch.setattr(backend, "fused_import_error", lambda: ImportError("no triton"))
     assert resolve_backend(torch.randn(5, 24)) == "composed"
@@ -214,6 +229,23 @@ def test_disk_cache(timed_cpu, monkeypatch, tmp_path):
     assert grad_fn_of(block(), torch.randn(6, 24, requires_grad=True)) == GRAD_FNS["fused"]
     assert timer.calls == []
     assert "(disk cache)" in backend_report() and str(path) in backend_report()
+
+
+def test_a_fused_failure_from_the_disk_cache_warns(timed_cpu, monkeypatch, tmp_path):
+    """A choice another process made because fused failed is no quieter when it is loaded."""
+    path = tmp_path / "autotune.json"
+    monkeypatch.setenv("RESLORA_AUTOTUNE_CACHE", str(path))
+    timed_cpu(fused=1.0, composed=2.0)
+    monkeypatch.setattr(backend, "_fused_impl", lambda: _failing_launch)
+    with pytest.warns(FusedBackendFailure):
+        block()(torch.randn(5, 24, requires_grad=True))
+    monkeypatch.undo()
+    monkeypatch.setenv("RESLORA_AUTOTUNE_CACHE", str(path))
+    monkeypatch.setattr(backend, "TIMED_DEVICE_TYPES", ("cuda", "cpu"))
+    timer = timed_cpu(fused=1.0, composed=2.0)
+    with pytest.warns(FusedBackendFailure, match="no kernel config fits"):
+        assert grad_fn_of(block(), torch.randn(6, 24, requires_grad=True)) == GRAD_FNS["composed"]
+    assert timer.calls == []
 
 
 def test_report_on_cpu():

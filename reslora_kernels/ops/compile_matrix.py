@@ -41,8 +41,10 @@ from typing import Callable
 import torch
 import triton
 
+from ..testing.fake_gpu import SimulatedDriver as _SimulatedDriver
+from ..testing.fake_gpu import resource_usage
 from . import _target
-from ._target import A100, H100, Target, resource_usage
+from ._target import A100, H100
 
 TARGETS = {"sm_90a": H100, "sm_80": A100}
 #: Kernels that must run on wgmma (and load through TMA) on sm_90a: the two big GEMMs.
@@ -248,36 +250,6 @@ def tasks(subset: str) -> list[tuple[str, int, str, str]]:
 
 
 # ---------------------------------------------------------------------------------- building
-class _SimulatedDriver(triton.backends.driver.DriverBase):
-    """The active Triton driver while building for a GPU that is not there: it names the target
-    and nothing else (nothing is loaded or launched)."""
-
-    def __init__(self, target: Target):
-        self.target = triton.backends.compiler.GPUTarget("cuda", target.capability, 32)
-
-    @classmethod
-    def is_active(cls):
-        return True
-
-    def map_python_to_cpp_type(self, ty):
-        return ty
-
-    def get_current_target(self):
-        return self.target
-
-    def get_current_device(self):
-        return self.target.arch  # one compile cache per architecture
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_active_torch_device(self):
-        return torch.device("meta")
-
-    def get_benchmarker(self):
-        raise RuntimeError("the compile matrix never runs a kernel")
-
-
 _TTIR_OP = re.compile(r"^\s*(%[\w.#:]+)\s*=\s*([\w.]+)\s+(.*)$")
 _PROPAGATING = ("tt.splat", "tt.broadcast", "tt.expand_dims", "tt.reshape", "ttg.convert_layout", "arith.")
 
@@ -356,9 +328,11 @@ def _build_launch(scenario, made, target_name, target, precision, shape) -> Laun
     else:
         configs = kernel.configs
         kernel.nargs = {}
+        # The keywords Triton's Autotuner.run hands its pruner: the launch's, grid and warmup included.
+        launch_kwargs = {**made.kwargs, "grid": made.grid, "warmup": False}
         with _target.simulate(target):
             try:
-                offered = kernel.prune_configs(dict(made.kwargs))
+                offered = kernel.prune_configs(launch_kwargs)
             except RuntimeError as err:
                 offered, record.error = [], str(err)
     jit_fn = kernel.fn if hasattr(kernel, "configs") else kernel
