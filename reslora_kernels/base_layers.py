@@ -1,9 +1,10 @@
 """The base layers a ResLoRA block can compose, and how each is read.
 
 A block keeps its base layer as a submodule (``base_layer``) and runs its forward only while the
-adapter is disabled: otherwise it reads the base's weight as an ``[out, in]`` tensor and its bias, and
-computes ``x W^T + b`` itself beside the LoRA branch. Every kind of base is known here: ``nn.Linear`` (weight ``[out, in]``) and
-transformers' ``Conv1D`` (GPT-2, weight ``[in, out]``: read as its transposed view, nothing copied).
+adapter is disabled: otherwise it reads the base's weight as an ``[out, in]`` tensor and its bias,
+and computes ``x W^T + b`` itself beside the LoRA branch. Every kind of base is known here:
+``nn.Linear`` (weight ``[out, in]``) and transformers' ``Conv1D`` (GPT-2, weight ``[in, out]``: read
+as its transposed view, nothing copied).
 A leaf: only torch is imported (transformers is looked up, never imported).
 """
 

@@ -107,7 +107,8 @@ def describe_targets(model: nn.Module) -> str:
     if config is None:
         return ""
     if config.target_modules == ALL_LINEAR:
-        return "all-linear (every linear layer but the output head)"
+        head = "the output head or the classification head" if config.task_type == "SEQ_CLS" else "the output head"
+        return f"all-linear (every linear layer but {head})"
     if config.target_modules is not None:
         return f"{config.target_modules!r}"
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -223,16 +224,17 @@ def matched_modules_to_save(model: nn.Module, names: dict[int, list[str]], confi
     found: set[str] = set()
     chosen: Targets = []
     chosen_names: set[str] = set()
+    chosen_ids: set[int] = set()
     for name, mod in model.named_modules(remove_duplicate=False):
         hits = [entry for entry in requested + added if name and _matches_name(entry, name)]
-        if not hits or _inside(name, chosen_names) or id(mod) in {id(m) for _, m in chosen}:
-            found.update(hits)
-            continue
         found.update(hits)
+        if not hits or _inside(name, chosen_names) or id(mod) in chosen_ids:
+            continue
         if isinstance(mod, (ModuleToSave, FusedResLoRALinear)):
             raise ValueError(f"modules_to_save: {name} is a {type(mod).__name__} already")
         chosen.append((names[id(mod)], mod))
         chosen_names.update(names[id(mod)])
+        chosen_ids.add(id(mod))
     missing = [entry for entry in requested if entry not in found]
     if missing:
         raise ValueError(f"modules_to_save {missing} match no module of the model")

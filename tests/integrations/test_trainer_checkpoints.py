@@ -28,7 +28,8 @@ def _data(n=24):
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(1, 64, (n, 6), generator=generator)
     labels = torch.randint(0, 3, (n,), generator=generator)
-    return [{"input_ids": ids[i], "attention_mask": torch.ones(6, dtype=torch.long), "labels": labels[i]} for i in range(n)]
+    mask = torch.ones(6, dtype=torch.long)
+    return [{"input_ids": ids[i], "attention_mask": mask, "labels": labels[i]} for i in range(n)]
 
 
 def _args(out, **overrides):
@@ -116,11 +117,10 @@ def test_the_mixin_composes_with_any_trainer_and_leaves_other_models_alone(tmp_p
         pass
 
     torch.manual_seed(0)
-    plain = transformers.BertForSequenceClassification(
-        transformers.BertConfig(
-            vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_labels=3
-        )
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_labels=3
     )
+    plain = transformers.BertForSequenceClassification(config)
     MyTrainer(model=plain, args=_args(tmp_path / "plain", max_steps=3), train_dataset=_data()).train()
     files = set(os.listdir(tmp_path / "plain" / "checkpoint-3"))
     assert "model.safetensors" in files and "reslora_config.json" not in files  # Trainer's own checkpoint

@@ -125,7 +125,11 @@ def test_dpo_trainer_takes_the_disabled_adapter_as_reference_without_a_second_mo
     monkeypatch.setattr(AdapterDisabled, "__call__", spy)
     counts = _Constructions(monkeypatch)
     trainer = trl.DPOTrainer(
-        model=model, ref_model=reference, args=_config(tmp_path), train_dataset=_preferences(), processing_class=_tokenizer()
+        model=model,
+        ref_model=reference,
+        args=_config(tmp_path),
+        train_dataset=_preferences(),
+        processing_class=_tokenizer(),
     )
     trainer.train()
     assert counts.models == [] and counts.copies == [] and counts.loads == []

@@ -68,16 +68,12 @@ def test_round_trip_with_modules_to_save_and_rslora(tmp_path, mode):
         assert torch.equal(fresh(input_ids=IDS).logits, model(input_ids=IDS).logits)
     # Into a model that has the blocks already: the same modules to save are required.
     load_reslora(fresh, tmp_path)
-    other = apply_reslora(
-        copy.deepcopy(base),
-        ResLoRAConfig(mode=mode, rank=4, alpha=8.0, target_modules="all-linear", task_type="SEQ_CLS", use_rslora=True,
-                      modules_to_save=["embeddings.LayerNorm"]),
-    )
+    settings = dict(mode=mode, rank=4, alpha=8.0, target_modules="all-linear", task_type="SEQ_CLS")
+    other_config = ResLoRAConfig(**settings, use_rslora=True, modules_to_save=["embeddings.LayerNorm"])
+    other = apply_reslora(copy.deepcopy(base), other_config)
     with pytest.raises(ValueError, match=r"modules to save \['bert.embeddings.LayerNorm', 'classifier'\] differ"):
         load_reslora(other, tmp_path)
-    plain = apply_reslora(
-        copy.deepcopy(base), ResLoRAConfig(mode=mode, rank=4, alpha=8.0, target_modules="all-linear", task_type="SEQ_CLS")
-    )
+    plain = apply_reslora(copy.deepcopy(base), ResLoRAConfig(**settings))
     with pytest.raises(ValueError, match="'use_rslora': False"):
         load_reslora(plain, tmp_path)
 
@@ -124,7 +120,9 @@ def test_a_damaged_head_is_refused_before_anything_changes(tmp_path):
     assert type(target.classifier) is torch.nn.Linear
 
 
-@pytest.mark.parametrize("mode, method, rslora", [("is", "input_norm", True), ("bs", "exact", True), ("ms", "auto", False)])
+@pytest.mark.parametrize(
+    "mode, method, rslora", [("is", "input_norm", True), ("bs", "exact", True), ("ms", "auto", False)]
+)
 def test_peft_export_reproduces_the_merged_model_with_its_head(tmp_path, mode, method, rslora):
     peft = pytest.importorskip("peft")
     base = tiny_bert()

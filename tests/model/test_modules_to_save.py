@@ -86,7 +86,8 @@ def test_all_linear_and_the_heads_to_save_match_peft(build, task_type):
 
 def test_seq_cls_head_trains_in_full_and_the_adapter_off_gives_the_original():
     base = tiny_bert()
-    model = apply_reslora(tiny_bert(), ResLoRAConfig(mode="is", rank=2, target_modules="all-linear", task_type="SEQ_CLS"))
+    config = ResLoRAConfig(mode="is", rank=2, target_modules="all-linear", task_type="SEQ_CLS")
+    model = apply_reslora(tiny_bert(), config)
     head = model.classifier
     assert isinstance(head, ModuleToSave) and not isinstance(head.trained_module, FusedResLoRALinear)
     assert all(p.requires_grad for p in head.trained_module.parameters())
