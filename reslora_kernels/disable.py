@@ -13,6 +13,7 @@ import contextlib
 import threading
 from typing import Iterator
 
+import torch
 import torch.nn as nn
 
 from .layer import FusedResLoRALinear
@@ -50,18 +51,26 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     is in the middle of a forward pass. Run the backward of a forward made inside the context inside
     it too (gradient checkpointing recomputes the forward during backward with the adapter as it is
     then). DDP, FSDP and ``torch.compile`` wrappers are looked through; a compiled model compiles
-    once more for the disabled state. A model without ResLoRA layers is an error.
+    once more for the disabled state. Entered inside a compiled function, the switch is a graph break
+    (with ``fullgraph=True`` an error saying so). A model without ResLoRA layers is an error.
     """
     modules = _switches(model)
-    with _SWITCH:
-        for module in modules:
-            module._adapter_disabled += 1
+    _switch(modules, +1)
     try:
         yield model
     finally:
-        with _SWITCH:
-            for module in modules:
-                module._adapter_disabled -= 1
+        _switch(modules, -1)
+
+
+@torch.compiler.disable(
+    reason="disable_adapter switches the model outside the graph: enter it around the compiled call, or "
+    "compile without fullgraph=True (the switch is then a graph break)"
+)
+def _switch(modules: list[nn.Module], step: int) -> None:
+    # Eager even inside a compiled function: the counters are read as guards by the compiled blocks.
+    with _SWITCH:
+        for module in modules:
+            module._adapter_disabled += step
 
 
 class AdapterDisabled(nn.Module):

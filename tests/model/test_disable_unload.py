@@ -151,6 +151,28 @@ def test_compiled_and_wrapped_models():
         assert torch.equal(wrapped(x), base(x))
 
 
+def test_entered_inside_a_compiled_function():
+    base, model = _adapted("bs")
+    x = torch.randn(3, 12, dtype=torch.float64)
+
+    def both(x):
+        with disable_adapter(model):
+            off = model(x)
+        return off, model(x)
+
+    off, on = torch.compile(both, backend="eager")(x)  # the switch is a graph break
+    assert torch.allclose(off, base(x)) and torch.allclose(on, model(x)) and not torch.allclose(on, off)
+    assert all(block._adapter_disabled == 0 for _, block in reslora_blocks(model))
+
+    def only_off(x):
+        with disable_adapter(model):
+            return model(x)
+
+    with pytest.raises(Exception, match="enter it around the compiled call, or compile without fullgraph=True"):
+        torch.compile(only_off, backend="eager", fullgraph=True)(x)
+    assert all(block._adapter_disabled == 0 for _, block in reslora_blocks(model))
+
+
 def test_errors():
     with pytest.raises(ValueError, match="the model has no ResLoRA layers"):
         with disable_adapter(Net()):
