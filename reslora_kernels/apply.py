@@ -22,7 +22,15 @@ from .chain import ResLoRAChain, link_chain
 from .chaining import Chains, checked_chains, form_chains
 from .config import ResLoRAConfig
 from .layer import FusedResLoRALinear
-from .model_utils import clean_name, compiled_classes, refuse_sharded, reslora_blocks, sharded_by, unwrap_model
+from .model_utils import (
+    clean_name,
+    compiled_classes,
+    refuse_sharded,
+    reslora_blocks,
+    saved_modules,
+    sharded_by,
+    unwrap_model,
+)
 from .module_to_save import ModuleToSave
 from .passes import track_passes, untrack_passes
 from .targets import (
@@ -235,7 +243,7 @@ def unload(model: nn.Module) -> nn.Module:
     refuse_sharded(model, "unload")
     model = unwrap_model(model)
     blocks = reslora_blocks(model)
-    if not blocks and not any(isinstance(mod, ModuleToSave) for mod in model.modules()):
+    if not blocks and not saved_modules(model):
         raise ValueError("the model has no ResLoRA layers to unload")
     with ModelTransaction(model) as tx:
         root = restore_modules(model, tx)

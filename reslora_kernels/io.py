@@ -19,8 +19,7 @@ from .base_layers import base_features
 from .config import ResLoRAConfig
 from .layer import FusedResLoRALinear
 from .merge_methods import chains_of, merge_terms
-from .model_utils import clean_name, refuse_sharded, reslora_blocks, sharded_by, unwrap_model, whole_parameters
-from .module_to_save import ModuleToSave
+from .model_utils import refuse_sharded, reslora_blocks, saved_modules, sharded_by, unwrap_model, whole_parameters
 from .transaction import ModelTransaction
 
 __all__ = ["save_reslora", "load_reslora", "export_peft_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -44,11 +43,6 @@ def _block_record(name: str, layer: FusedResLoRALinear) -> dict:
         "use_rslora": layer.use_rslora,
     }
 
-
-def saved_modules(model: nn.Module) -> list[tuple[str, ModuleToSave]]:
-    """Every module to save of ``model`` once, under its first name in the bare model."""
-    model = unwrap_model(model)
-    return [(clean_name(name), mod) for name, mod in model.named_modules() if isinstance(mod, ModuleToSave)]
 
 
 def _chain_records(blocks: list[tuple[str, FusedResLoRALinear]]) -> list[dict]:

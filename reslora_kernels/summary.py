@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from .model_utils import clean_name, reslora_blocks, unwrap_model, whole_parameters
-from .module_to_save import ModuleToSave
+from .model_utils import reslora_blocks, saved_modules, unwrap_model, whole_parameters
 from .statistics import skipped_norms
 from .targets import describe_targets
 
@@ -79,5 +78,5 @@ def reslora_summary(model: nn.Module) -> ResLoRASummary:
         skipped_norms=skipped_norms(blocks),
         unchained=[name for name, layer in blocks if layer.mode != "none" and len(layer.chain) == 1],
         targets=describe_targets(unwrap_model(model)),
-        modules_to_save=[clean_name(n) for n, m in unwrap_model(model).named_modules() if isinstance(m, ModuleToSave)],
+        modules_to_save=[name for name, _ in saved_modules(model)],
     )
