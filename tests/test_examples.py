@@ -130,6 +130,19 @@ def test_committed_results_are_a_full_run():
     for mode, lr in cells:  # every configuration that ran, ran for every seed
         assert sorted(r["seed"] for r in results["runs"] if (r["mode"], r["lr"]) == (mode, lr)) == sorted(s["seeds"])
     assert all(len(r["loss"]) == s["steps"] for r in results["runs"])
+    # The protocol: one shared grid (every mode at every learning rate of it), each mode compared at its
+    # own best, the grid extended until every best lies inside it or the extensions allowed are spent.
+    sweep = results["sweep"]
+    assert cells == {(mode, lr) for mode in ("none", "is", "bs", "ms") for lr in sweep["grid"]}
+    assert sweep["best_lr"] == report.best_lrs(results["runs"])
+    assert sweep["rounds"][1:] == [
+        report.grid_extension([r for r in results["runs"] if r["round"] < i], sweep["factor"])
+        for i in range(1, len(sweep["rounds"]))
+    ]
+    inside = all(report.edge(results["runs"], mode) is None for mode in sweep["best_lr"])
+    assert inside or len(sweep["rounds"]) == sweep["max_extensions"] + 1
+    for run in results["runs"]:
+        assert ("merged" in run) == (run["lr"] == sweep["best_lr"][run["mode"]])
     width, height = _png_size(ROOT / report.IMAGE)
     assert width > 1000 and height > 400
 
