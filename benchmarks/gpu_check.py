@@ -15,7 +15,7 @@ finish before the deadline is skipped, and a failure never stops the stages afte
                  outputs NaN-poisoned, checked against the float64 formula with the tests' rules
     sanitizer    compute-sanitizer memcheck over the same ops at small odd, aligned and
                  multi-rank-tile shapes (a subprocess of this script, RESLORA_TUNE=pinned)
-    gpu_tests    pytest tests/test_gpu.py -k bf16
+    gpu_tests    pytest tests/backends/test_gpu.py -k bf16
     merge        the merge-fold and host-overhead benchmark suites
     layer        the LLaMA-7B 4096 -> 4096 layer at M = 8192, r = 16: frozen nn.Linear, PEFT,
                  composed, fused, auto, every mode, fwd+bwd and fwd-only, interleaved in one process
@@ -36,7 +36,7 @@ process. Files under ``--out`` (at most 7, the device tool returns 8):
 The output ends with a table of the stages and kernel cases; the exit code is 0 when every stage
 passed, 1 when one failed, 2 when one was skipped. ``--dry-run`` runs the same stages,
 subprocesses and files on CPU: the kernels in Triton's interpreter at tiny shapes, the suites at
-tiny sizes, the sanitizer stage's worker without compute-sanitizer (tests/test_gpu_check.py runs it
+tiny sizes, the sanitizer stage's worker without compute-sanitizer (tests/tools/test_gpu_check.py runs it
 in CI).
 """
 
@@ -500,8 +500,8 @@ def stage_sanitizer(ctx: Context, budget: float) -> dict:
 # ---------------------------------------------------------------------------- (d) pytest
 def stage_gpu_tests(ctx: Context, budget: float) -> dict:
     junit, logs = ctx.tmp / "gpu_tests.xml", ctx.tmp / "gpu_logs"
-    cmd = [sys.executable, "-m", "pytest", "tests/test_gpu.py", "-k", "bf16", "-v", "-rfE", "-p", "no:cacheprovider"]
-    cmd += [f"--junitxml={junit}"]
+    cmd = [sys.executable, "-m", "pytest", "tests/backends/test_gpu.py", "-k", "bf16", "-v", "-rfE"]
+    cmd += ["-p", "no:cacheprovider", f"--junitxml={junit}"]
     output = ctx.out / PYTEST_FILE
     output.write_text(" ".join(cmd) + "\n\n")
     proc = run_process(cmd, budget, output, ctx.env(RESLORA_GPU_LOG_DIR=logs))
@@ -581,7 +581,7 @@ STAGES = [
     Stage("probe", "environment: GPU, driver, CUDA, torch, Triton, commit", stage_probe, 5, 90, 5, 90, False),
     Stage("kernels", "one autotuned launch of every op, checked against float64", stage_kernels, 30, 200, 5, 120),
     Stage("sanitizer", "compute-sanitizer memcheck on small shapes", stage_sanitizer, 30, 120, 5, 120),
-    Stage("gpu_tests", "pytest tests/test_gpu.py -k bf16", stage_gpu_tests, 40, 150, 5, 90),
+    Stage("gpu_tests", "pytest tests/backends/test_gpu.py -k bf16", stage_gpu_tests, 40, 150, 5, 90),
     Stage("merge", "merge-fold and host-overhead suites", stage_merge, 20, 90, 5, 90),
     Stage("layer", "LLaMA-7B 4096->4096 layer, M=8192, r=16, every mode", stage_layer, 60, 240, 5, 90),
     Stage("e2e", "end-to-end training step", stage_e2e, 90, 300, 5, 120),
@@ -750,14 +750,16 @@ def worker_probe(args) -> int:
 
 class _KernelChecks:
     """The kernel cases: every op of ``reslora_kernels.ops`` against its float64 formula (the
-    formulas of tests/test_kernels.py), checked with the tests' tolerance rules, outputs poisoned."""
+    formulas of tests/ops/test_kernels.py), checked with the tests' tolerance rules, outputs poisoned."""
 
     def __init__(self, scale: str, seed: int) -> None:
         import torch
 
         from reslora_kernels import ops, reference
 
-        spec = importlib.util.spec_from_file_location("reslora_tolerance_rules", ROOT / "tests" / "conftest.py")
+        # The tests' tolerance rules: tests/helpers.py, which imports tests/oracle.py beside it.
+        sys.path.insert(0, str(ROOT / "tests"))
+        spec = importlib.util.spec_from_file_location("reslora_tolerance_rules", ROOT / "tests" / "helpers.py")
         self.rules = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(self.rules)
         self.torch, self.ops, self.reference = torch, ops, reference
@@ -817,7 +819,7 @@ class _KernelChecks:
         return out
 
     def check(self, out, formula, what):
-        """The tests' rule (tests/conftest.py ``assert_lowp_close``): normwise and max-abs against
+        """The tests' rule (tests/helpers.py ``assert_lowp_close``): normwise and max-abs against
         the float64 formula, relative to PyTorch's own error in the kernel's dtype."""
         torch = self.torch
         self.rules.assert_lowp_close(out.to(self.ref_device), formula(torch.float64), formula(out.dtype), what)

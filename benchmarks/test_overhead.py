@@ -2,8 +2,14 @@
 what is left is the per-call Python and dispatch cost (what dominates small batches and
 decoding). Per backend, against nn.Linear and PEFT, and our layer split into its parts: the
 module, the functional op (checks + backend choice), the autograd Function alone.
+
+The fused backend's rows marked "launches captured" plan every launch for an H100 (the TMA
+kernels, their descriptors) and record it instead of running it (``ops.capture``): what is timed
+is the host's work up to the launch, on any machine, GPU or not. Triton's own launch path
+(autotuner lookup, argument binding, the driver call) comes on top on a GPU and is not in them.
 """
 
+import contextlib
 import os
 
 import pytest
@@ -11,8 +17,13 @@ import torch
 import torch.nn as nn
 from bench_lib import DEVICE, IS_CUDA, Interleaved, peft, run_rounds, synchronize
 
-from reslora_kernels import FusedResLoRALinear, functional
+from reslora_kernels import FusedResLoRALinear, backend, functional
 from reslora_kernels.composed import composed_reslora_linear
+
+try:
+    from reslora_kernels import fused, ops
+except ImportError:  # no Triton: the fused rows are left out
+    fused = ops = None
 
 M, K, N, RANK = 4, 64, 64, 8
 DTYPE = torch.bfloat16 if IS_CUDA else torch.float32
@@ -41,6 +52,53 @@ class Batch:
         synchronize()
 
 
+@contextlib.contextmanager
+def _fused_selectable():
+    """On a machine without a GPU the fused backend needs Triton's interpreter; with every launch
+    captured nothing runs, so it may be selected without it for the duration."""
+    if IS_CUDA or ops.INTERPRETED:
+        yield
+        return
+    original = backend.fused_unavailable
+    backend.fused_unavailable = lambda x: None
+    try:
+        yield
+    finally:
+        backend.fused_unavailable = original
+
+
+class CapturedBatch(Batch):
+    """:class:`Batch` with every launch planned for an H100 and captured instead of run."""
+
+    def step(self):
+        with ops.simulate(ops.H100), ops.capture(), _fused_selectable():
+            for _ in range(CALLS):
+                self.fn().backward(self.grad_out)
+        synchronize()
+
+
+class LaunchersOnly(Batch):
+    """The five launchers of one block's forward and backward, without autograd, captured."""
+
+    def __init__(self, x, layer):
+        super().__init__(None, [])
+        self.x = x.detach()
+        self.weight, self.bias = layer.weight.detach(), layer.bias.detach()
+        self.lora_A, self.lora_B = layer.lora_A.detach(), layer.lora_B.detach()
+        self.g = torch.ones(M, RANK, device=DEVICE, dtype=torch.float32)
+
+    def step(self):
+        x, weight, lora_A, lora_B, grad_out = self.x, self.weight, self.lora_A, self.lora_B, self.grad_out
+        with ops.simulate(ops.H100), ops.capture():
+            for _ in range(CALLS):
+                z, _ = ops.lora_down(x, lora_A)
+                ops.linear_lora_fwd(x, weight, self.bias, z, lora_B, 2.0)
+                g, _ = ops.lora_grad_out(grad_out, lora_B, z, 2.0)
+                ops.linear_lora_dx(grad_out, weight, self.g, lora_A)
+                ops.lora_grad_A(self.g, x)
+        synchronize()
+
+
 def variants():
     factory = {"device": DEVICE, "dtype": DTYPE}
     x = torch.randn(M, K, **factory, requires_grad=True)
@@ -62,6 +120,13 @@ def variants():
     args = (layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
     out["functional, composed"] = Batch(lambda: functional.reslora_linear(x, *args)[0], [x, *params], "composed")
     out["Function only, composed"] = Batch(lambda: composed_reslora_linear(x, *args)[0], [x, *params])
+    if ops is not None:
+        captured = "H100 plan, launches captured"
+        out[f"layer, fused ({captured})"] = CapturedBatch(lambda: layer(x), [x, *params], "fused")
+        out[f"Function only, fused ({captured})"] = CapturedBatch(
+            lambda: fused.fused_reslora_linear(x, *args)[0], [x, *params]
+        )
+        out[f"launchers only, fused ({captured})"] = LaunchersOnly(x, layer)
     return out
 
 

@@ -29,6 +29,8 @@ allocated, so it raises neither peak unless K > N in forward.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -57,14 +59,38 @@ MASK_BLOCK_BYTES = 1 << 20
 _SIGN_BIT = -(2**31)
 
 
+@functools.lru_cache(maxsize=None)
+def _device_mask_kernel():
+    """The Triton launcher that writes the mask in one kernel
+    (:func:`reslora_kernels.ops.dropout.dropout_keep_values`), or ``None`` where Triton cannot be
+    imported (the mask then comes from the torch definition: the same bits, more passes)."""
+    try:
+        from .ops.dropout import dropout_keep_values
+    except ImportError:
+        return None
+    return dropout_keep_values
+
+
 def _keep(x2: torch.Tensor, p: float, seed) -> torch.Tensor:
     """The 0/1 keep-mask of the ``[M, K]`` LoRA input in ``x2``'s dtype (exact in every dtype):
-    :func:`reslora_kernels.reference.dropout_keep_mask`, bit for bit (tested), computed on CPU
-    block by block of rows so that its passes stay in cache."""
-    if x2.device.type != "cpu" or torch.compiler.is_compiling():
-        # (Compiled: a Python loop over row blocks would specialise the graph on M; Inductor
-        # fuses the plain definition into one kernel anyway.)
+    :func:`reslora_kernels.reference.dropout_keep_mask`, bit for bit (tested). On CPU it is hashed
+    block by block of rows so that its passes stay in cache; on a GPU one Triton kernel writes it
+    (the torch definition is a chain of about fifteen elementwise int32 passes, ~136 bytes of
+    memory traffic per element)."""
+    if torch.compiler.is_compiling():
+        # A Python loop over row blocks would specialise the graph on M, and the Triton launch is
+        # opaque to Dynamo; Inductor fuses the plain definition into one kernel anyway.
         return dropout_keep_mask(x2.shape, p, seed, x2.device).to(x2.dtype)
+    if x2.device.type != "cpu":
+        write = _device_mask_kernel() if x2.is_cuda else None
+        if write is None:
+            return dropout_keep_mask(x2.shape, p, seed, x2.device).to(x2.dtype)
+        return write(x2.shape[0], x2.shape[1], p, seed, x2)
+    return _keep_cpu(x2, p, seed)
+
+
+def _keep_cpu(x2: torch.Tensor, p: float, seed) -> torch.Tensor:
+    """:func:`_keep` on CPU: the torch definition, block by block of rows."""
     rows, cols = x2.shape
     keep = torch.empty((rows, cols), dtype=x2.dtype)
     if keep.numel() == 0:

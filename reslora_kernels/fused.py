@@ -36,9 +36,16 @@ from . import ops
 __all__ = ["FusedResLoRAFunction", "fused_reslora_linear"]
 
 
+# Each tensor op called from Python costs microseconds of dispatch, about what a launcher costs:
+# 2-D tensors skip the reshapes and views.
 def _rows(t: Tensor) -> Tensor:
     """[..., C] -> [M, C], a view whenever the strides allow one."""
-    return t.reshape(-1, t.shape[-1])
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
+def _shaped(t: Tensor, like: Tensor) -> Tensor:
+    """[M, C] -> [*like.shape[:-1], C]."""
+    return t if like.dim() == 2 else t.view(*like.shape[:-1], t.shape[-1])
 
 
 def _forward(x, weight, bias, lora_A, lora_B, x_prev, z_prev, dropout_seed, scaling, input_scale, dropout_p, sqnorm):
@@ -55,8 +62,7 @@ def _forward(x, weight, bias, lora_A, lora_B, x_prev, z_prev, dropout_seed, scal
     )
     u = z if z_prev is None else z + _rows(z_prev)
     y = ops.linear_lora_fwd(x2, weight, bias, u, lora_B, scaling)
-    lead = x.shape[:-1]
-    return y.view(*lead, y.shape[-1]), z.view(*lead, z.shape[-1]), x_sqnorm
+    return _shaped(y, x), _shaped(z, x), x_sqnorm
 
 
 def _backward(
@@ -66,14 +72,13 @@ def _backward(
     in that order) says the gradient is not wanted."""
     want_x, want_prev, want_w, want_bias, want_a, want_b, want_z_prev = needs
     x2 = _rows(x)
-    rank = lora_A.shape[0]
     if grad_y is None:
         grad_y2 = torch.zeros((x2.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype)
     else:
         grad_y2 = _rows(grad_y)
     u = _rows(z) if z_prev is None else _rows(z) + _rows(z_prev)
     g, grad_B = ops.lora_grad_out(grad_y2, lora_B, u, scaling)
-    grad_z_prev = g.to(x.dtype).view(*x.shape[:-1], rank) if want_z_prev else None
+    grad_z_prev = _shaped(g.to(x.dtype), x) if want_z_prev else None
     g_z = g if grad_z is None else g + _rows(grad_z)
     grad_x = grad_x_prev = None
     if want_x or want_prev:
@@ -87,9 +92,9 @@ def _backward(
             dropout_seed=dropout_seed,
             store_prev=want_prev,
         )
-        grad_x = grad_x.view(x.shape)
+        grad_x = _shaped(grad_x, x)
         if grad_x_prev is not None:
-            grad_x_prev = grad_x_prev.view(x.shape)
+            grad_x_prev = _shaped(grad_x_prev, x)
     grad_A = None
     if want_a:
         grad_A = ops.lora_grad_A(

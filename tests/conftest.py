@@ -9,77 +9,18 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# tests/real_launch/ runs kernels built for a GPU on a fake one: where this run builds them for
-# the interpreter, tests/test_real_launch.py runs those tests in processes of their own.
-collect_ignore_glob = ["real_launch/*"] if os.environ.get("TRITON_INTERPRET") == "1" else []
+# tests/ops/real_launch/ runs kernels built for a GPU on a fake one: where this run builds them for
+# the interpreter, tests/ops/test_real_launch.py runs those tests in processes of their own.
+collect_ignore_glob = ["ops/real_launch/*"] if os.environ.get("TRITON_INTERPRET") == "1" else []
 
-#: Where the Triton kernel tests run: the GPU if there is one, else the interpreter on CPU.
-KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
-#: The interpreter's tl.dot multiplies bfloat16 bit patterns: bfloat16 is tested on the GPU only.
-KERNEL_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
-
-
-#: Test ids of dtype parameters: ``-k bf16`` selects the bfloat16 cases of every test.
-DTYPE_IDS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
+# After the flag: helpers imports the package (and so builds the kernels).
+from helpers import DTYPE_IDS  # noqa: E402
 
 
 def pytest_make_parametrize_id(config, val, argname):
     if isinstance(val, torch.dtype):
         return DTYPE_IDS.get(val, str(val).replace("torch.", ""))
     return None
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64 (0 when both are zero)."""
-    out, ref = out.detach().double(), ref.detach().double()
-    denom = ref.norm()
-    if denom == 0:
-        return float((out - ref).norm())
-    return float((out - ref).norm() / denom)
-
-
-def max_abs_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |out - ref| in float64."""
-    if out.numel() == 0:
-        return 0.0
-    return float((out.detach().double() - ref.detach().double()).abs().max())
-
-
-def rounding_atol(ref64: torch.Tensor, dtype: torch.dtype) -> float:
-    """Twice the largest error of merely rounding the float64 reference to ``dtype``: no kernel
-    that writes ``dtype`` can do better, so this is the absolute slack of the max-abs rule."""
-    if ref64.numel() == 0:
-        return 0.0
-    ref64 = ref64.detach().double()
-    return 2 * float((ref64.to(dtype).double() - ref64).abs().max())
-
-
-def assert_maxabs_close(out, ref64, torch_same_dtype, what=""):
-    """FlashAttention's rule: the kernel's largest elementwise error is at most twice PyTorch's own
-    largest error for the same computation in the same dtype, plus the rounding of the output.
-    Unlike a normwise error, it fails when a single tile (or element) of a large output is wrong."""
-    err = max_abs_err(out, ref64)
-    torch_err = max_abs_err(torch_same_dtype, ref64)
-    atol = rounding_atol(ref64, out.dtype)
-    assert err <= 2 * torch_err + atol, (
-        f"{what}: max abs err {err:.3g} > 2 x PyTorch's own {torch_err:.3g} + atol {atol:.3g}"
-    )
-
-
-def assert_lowp_close(out, ref64, torch_same_dtype, what=""):
-    """docs/design.md section 11: float32 within 1e-5 of the float64 reference; float16/bfloat16
-    within 2e-2 and at most 2x PyTorch's own error at that dtype (plus a small atol). Beside the
-    normwise error, the max-abs rule (:func:`assert_maxabs_close`) whenever PyTorch's result in the
-    same dtype is given."""
-    err = rel_err(out, ref64)
-    if torch_same_dtype is not None:
-        assert_maxabs_close(out, ref64, torch_same_dtype, what)
-    if out.dtype == torch.float32:
-        assert err < 1e-5, f"{what}: float32 rel err {err:.3g}"
-        return
-    torch_err = rel_err(torch_same_dtype, ref64)
-    assert err < 2e-2, f"{what}: {out.dtype} rel err {err:.3g}"
-    assert err <= 2 * torch_err + 1e-4, f"{what}: rel err {err:.3g} vs PyTorch's own {torch_err:.3g}"
 
 
 @pytest.fixture

@@ -57,6 +57,25 @@ def lora_input_tile(
 
 
 @triton.jit
+def _lora_up_step(acc, u_ptr, b_ptr, r0, offs_m, offs_n, M, N, R, stride_um, stride_ur, stride_bn, stride_br, scaling,
+                  DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
+    """``acc + scaling * u[:, r0:r0+BLOCK_R] B[:, r0:r0+BLOCK_R]^T``: one rank tile."""
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    u = tl.load(
+        tile_ptrs(u_ptr, offs_m, offs_r, stride_um, stride_ur),
+        mask=(offs_m[:, None] < M) & (offs_r[None, :] < R),
+        other=0.0,
+    )
+    b_t = tl.load(
+        tile_ptrs(b_ptr, offs_r, offs_n, stride_br, stride_bn),
+        mask=(offs_r[:, None] < R) & (offs_n[None, :] < N),
+        other=0.0,
+    )  # [BLOCK_R, BLOCK_N]
+    u = (u.to(tl.float32) * scaling).to(b_t.dtype)
+    return tl.dot(u, b_t, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def lora_up_tile(
     acc,
     u_ptr,
@@ -73,25 +92,44 @@ def lora_up_tile(
     scaling,
     DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    ONE_RANK_TILE: tl.constexpr,
 ):
     """``acc + scaling * u B^T`` on the ``[BLOCK_M, BLOCK_N]`` output tile: the rank loop of the
     forward GEMMs' epilogue. ``scaling`` is folded into the small ``u`` tile, so no second
-    ``[BLOCK_M, BLOCK_N]`` accumulator is needed."""
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        u = tl.load(
-            tile_ptrs(u_ptr, offs_m, offs_r, stride_um, stride_ur),
-            mask=(offs_m[:, None] < M) & (offs_r[None, :] < R),
-            other=0.0,
-        )
-        b_t = tl.load(
-            tile_ptrs(b_ptr, offs_r, offs_n, stride_br, stride_bn),
-            mask=(offs_r[:, None] < R) & (offs_n[None, :] < N),
-            other=0.0,
-        )  # [BLOCK_R, BLOCK_N]
-        u = (u.to(tl.float32) * scaling).to(b_t.dtype)
-        acc = tl.dot(u, b_t, acc, input_precision=DOT_PRECISION)
+    ``[BLOCK_M, BLOCK_N]`` accumulator is needed. ``ONE_RANK_TILE`` (R <= BLOCK_R, i.e. r <= 64)
+    leaves no rank loop at all: a persistent tile loop whose body holds one inner loop (the
+    reduction) is one the compiler can flatten (``tl.range(..., flatten=True)``); a second,
+    runtime-length inner loop stops it."""
+    if ONE_RANK_TILE:
+        acc = _lora_up_step(
+            acc, u_ptr, b_ptr, 0, offs_m, offs_n, M, N, R, stride_um, stride_ur, stride_bn, stride_br, scaling,
+            DOT_PRECISION=DOT_PRECISION, BLOCK_R=BLOCK_R,
+        )  # fmt: skip
+    else:
+        for r0 in range(0, R, BLOCK_R):
+            acc = _lora_up_step(
+                acc, u_ptr, b_ptr, r0, offs_m, offs_n, M, N, R, stride_um, stride_ur, stride_bn, stride_br, scaling,
+                DOT_PRECISION=DOT_PRECISION, BLOCK_R=BLOCK_R,
+            )  # fmt: skip
     return acc
+
+
+@triton.jit
+def _lora_grad_step(acc, g_ptr, a_ptr, r0, offs_m, offs_k, M, K, R, stride_gm, stride_gr, stride_ar, stride_ak,
+                    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
+    """``acc + g[:, r0:r0+BLOCK_R] A[r0:r0+BLOCK_R, :]``: one rank tile."""
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    g = tl.load(
+        tile_ptrs(g_ptr, offs_m, offs_r, stride_gm, stride_gr),
+        mask=(offs_m[:, None] < M) & (offs_r[None, :] < R),
+        other=0.0,
+    )
+    a = tl.load(
+        tile_ptrs(a_ptr, offs_r, offs_k, stride_ar, stride_ak),
+        mask=(offs_r[:, None] < R) & (offs_k[None, :] < K),
+        other=0.0,
+    )  # [BLOCK_R, BLOCK_K]
+    return tl.dot(g.to(a.dtype), a, acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -116,23 +154,23 @@ def lora_grad_tile(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    ONE_RANK_TILE: tl.constexpr,
 ):
     """``input_scale * drop'(g A)`` on one ``[BLOCK_M, BLOCK_K]`` tile in float32: the gradient
-    the LoRA input sends back (``drop'`` applies the forward's mask and ``1 / (1 - p)``)."""
+    the LoRA input sends back (``drop'`` applies the forward's mask and ``1 / (1 - p)``).
+    ``ONE_RANK_TILE`` as in :func:`lora_up_tile`."""
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        g = tl.load(
-            tile_ptrs(g_ptr, offs_m, offs_r, stride_gm, stride_gr),
-            mask=(offs_m[:, None] < M) & (offs_r[None, :] < R),
-            other=0.0,
-        )
-        a = tl.load(
-            tile_ptrs(a_ptr, offs_r, offs_k, stride_ar, stride_ak),
-            mask=(offs_r[:, None] < R) & (offs_k[None, :] < K),
-            other=0.0,
-        )  # [BLOCK_R, BLOCK_K]
-        acc = tl.dot(g.to(a.dtype), a, acc, input_precision=DOT_PRECISION)
+    if ONE_RANK_TILE:
+        acc = _lora_grad_step(
+            acc, g_ptr, a_ptr, 0, offs_m, offs_k, M, K, R, stride_gm, stride_gr, stride_ar, stride_ak,
+            DOT_PRECISION=DOT_PRECISION, BLOCK_R=BLOCK_R,
+        )  # fmt: skip
+    else:
+        for r0 in range(0, R, BLOCK_R):
+            acc = _lora_grad_step(
+                acc, g_ptr, a_ptr, r0, offs_m, offs_k, M, K, R, stride_gm, stride_gr, stride_ar, stride_ak,
+                DOT_PRECISION=DOT_PRECISION, BLOCK_R=BLOCK_R,
+            )  # fmt: skip
     if DROPOUT:
         # The scales multiply only kept elements: one multiply per element, after the mask.
         acc = tl.where(keep_mask(seed, offs_m, offs_k, drop_threshold), acc * (input_scale * drop_scale), 0.0)

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ..reference import COLUMN_SALT, MIX_MUL_1, MIX_MUL_2
+from ._common import cdiv
 from ._target import launch
 
 # The hash constants as uint32 constexprs: a bare Python literal above 2^31 - 1 would be typed
@@ -63,11 +64,15 @@ def keep_mask(seed, offs_m, offs_k, threshold):
 
 @triton.jit
 def _dropout_mask_kernel(out_ptr, seed_ptr, M, K, stride_om, threshold, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The keep-mask of the ``[M, K]`` LoRA input as 0/1 in ``out_ptr``'s dtype (int8 for a
+    boolean mask, the input's float dtype for the composed path's multiplier)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     keep = keep_mask(tl.load(seed_ptr), offs_m, offs_k, threshold)
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_k[None, :], keep.to(tl.int8), mask=mask)
+    out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_k[None, :]
+    # Through float32: the interpreter converts booleans to bfloat16 as raw bits (0x0001).
+    tl.store(out, tl.where(keep, 1.0, 0.0).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def seed_tensor(seed: int | torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -104,6 +109,29 @@ def dropout_args(p: float, seed: torch.Tensor | None, like: torch.Tensor) -> tup
     return seed, dropout_threshold(p), 1.0 / (1.0 - p)
 
 
+#: The mask kernel's tile: 128 contiguous columns per row keep the stores coalesced.
+MASK_BLOCK_M, MASK_BLOCK_K = 32, 128
+
+
+def _write_mask(out: torch.Tensor, p: float, seed: int | torch.Tensor) -> torch.Tensor:
+    """Fill the contiguous 2-D ``out`` with the keep-mask (0/1 in its dtype); one launch."""
+    M, K = out.shape
+    if out.numel():
+        launch(
+            _dropout_mask_kernel,
+            (cdiv(M, MASK_BLOCK_M), cdiv(K, MASK_BLOCK_K)),
+            out_ptr=out,
+            seed_ptr=seed_tensor(seed, out.device),
+            M=M,
+            K=K,
+            stride_om=out.stride(0),
+            threshold=dropout_threshold(p),
+            BLOCK_M=MASK_BLOCK_M,
+            BLOCK_K=MASK_BLOCK_K,
+        )
+    return out
+
+
 def dropout_keep_mask(
     shape: torch.Size | tuple[int, ...], p: float, seed: int | torch.Tensor, device: torch.device | str
 ) -> torch.Tensor:
@@ -115,19 +143,12 @@ def dropout_keep_mask(
     M = 1
     for d in shape[:-1]:
         M *= d
-    out = torch.empty((M, K), dtype=torch.int8, device=device)
-    if out.numel():
-        block = 32
-        launch(
-            _dropout_mask_kernel,
-            (triton.cdiv(M, block), triton.cdiv(K, block)),
-            out_ptr=out,
-            seed_ptr=seed_tensor(seed, device),
-            M=M,
-            K=K,
-            stride_om=out.stride(0),
-            threshold=dropout_threshold(p),
-            BLOCK_M=block,
-            BLOCK_K=block,
-        )
-    return out.bool().reshape(shape)
+    out = _write_mask(torch.empty((M, K), dtype=torch.int8, device=device), p, seed)
+    return out.view(torch.bool).reshape(shape)  # 0/1 bytes are valid booleans: no copy
+
+
+def dropout_keep_values(rows: int, cols: int, p: float, seed: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The keep-mask of a ``[rows, cols]`` LoRA input as a 0/1 tensor in ``like``'s dtype and
+    device, written by one kernel: the composed path's multiplier on a GPU (one write per element,
+    where the torch definition runs about fifteen int32 passes)."""
+    return _write_mask(torch.empty((rows, cols), dtype=like.dtype, device=like.device), p, seed)

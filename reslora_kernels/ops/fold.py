@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import aligned, check_2d, check_same, rank_block, rank_bucket
+from ._common import aligned, cdiv, check_2d, check_same, rank_block, rank_bucket
 from ._configs import FOLD, FOLD_UNALIGNED, tile_configs
 from ._jit import tile_ptrs
 from ._target import autotune, launch
@@ -89,7 +89,7 @@ def fold_lora_(weight: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tensor,
 
     launch(
         _fold_kernel if aligned(weight) else _fold_unaligned_kernel,
-        lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(K, meta["BLOCK_K"])),
+        lambda meta: (cdiv(N, meta["BLOCK_N"]), cdiv(K, meta["BLOCK_K"])),
         w_ptr=weight,
         b_ptr=lora_B,
         a_ptr=lora_A,

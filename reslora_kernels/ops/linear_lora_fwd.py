@@ -17,15 +17,28 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._common import aligned, check_2d, check_same, dot_precision, rank_block, rank_bucket
+from ._common import (
+    PlanCache,
+    aligned,
+    allow_tf32,
+    cdiv,
+    check_2d,
+    check_same,
+    descriptor_template,
+    dot_precision,
+    fresh_descriptor,
+    next_power_of_2,
+    rank_block,
+    rank_bucket,
+    tensor_key,
+)
 from ._configs import GEMM, GEMM_TMA, GEMM_UNALIGNED, gemm_configs
 from ._jit import grouped_tile, lora_up_tile, tile_ptrs
 from ._target import autotune, launch, target_of, uses_tma
 
 # Everything that changes the build (and so what fits) is in the key; shapes by bucket.
-KEY = ["M_BUCKET", "N", "K", "R_BUCKET", "BLOCK_R", "HAS_BIAS", "DOT_PRECISION"]
+KEY = ["M_BUCKET", "N", "K", "R_BUCKET", "BLOCK_R", "ONE_RANK_TILE", "HAS_BIAS", "DOT_PRECISION"]
 
 
 @triton.jit
@@ -59,6 +72,7 @@ def _linear_lora_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    ONE_RANK_TILE: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] tile of y: the K loop of x W^T, then the rank loop of s u B^T."""
@@ -81,7 +95,7 @@ def _linear_lora_fwd_kernel(
         acc = tl.dot(x, w_t, acc, input_precision=DOT_PRECISION)
     acc = lora_up_tile(
         acc, u_ptr, b_ptr, offs_m, offs_n, M, N, R, stride_um, stride_ur, stride_bn, stride_br, scaling,
-        DOT_PRECISION=DOT_PRECISION, BLOCK_R=BLOCK_R,
+        DOT_PRECISION=DOT_PRECISION, BLOCK_R=BLOCK_R, ONE_RANK_TILE=ONE_RANK_TILE,
     )  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
@@ -117,6 +131,7 @@ def _linear_lora_fwd_tma_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    ONE_RANK_TILE: tl.constexpr,
     GROUP_M: tl.constexpr,
     NUM_SMS: tl.constexpr,
 ):
@@ -126,7 +141,9 @@ def _linear_lora_fwd_tma_kernel(
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     # flatten: the compiler pipelines the K loops of consecutive tiles as one loop, so the next
-    # tile's first loads are in flight during this tile's epilogue.
+    # tile's first loads are in flight during this tile's epilogue. It flattens only a body with
+    # one inner loop: with ONE_RANK_TILE (r <= 64) the epilogue has no rank loop; larger ranks
+    # keep it, and the loop nest stays as written.
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
         pid_m, pid_n = grouped_tile(tile, num_m, num_n, GROUP_M)
         off_m = pid_m * BLOCK_M
@@ -140,7 +157,7 @@ def _linear_lora_fwd_tma_kernel(
         offs_n = off_n + tl.arange(0, BLOCK_N)
         acc = lora_up_tile(
             acc, u_ptr, b_ptr, offs_m, offs_n, M, N, R, stride_um, stride_ur, stride_bn, stride_br, scaling,
-            DOT_PRECISION=DOT_PRECISION, BLOCK_R=BLOCK_R,
+            DOT_PRECISION=DOT_PRECISION, BLOCK_R=BLOCK_R, ONE_RANK_TILE=ONE_RANK_TILE,
         )  # fmt: skip
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
@@ -163,15 +180,17 @@ _linear_lora_fwd_tma_kernel = autotune(
 )(_linear_lora_fwd_tma_kernel)
 
 
-def linear_lora_fwd(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    u: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-) -> torch.Tensor:
-    """``y = x @ weight^T + bias + scaling * u @ lora_B^T`` for 2-D ``x [M, K]``, ``u [M, R]``."""
+class _Plan:
+    """What every ``linear_lora_fwd`` call of one key launches: the kernel, its grid, the keyword
+    arguments that are the same for each such call, and (TMA) the descriptors' static parts."""
+
+    __slots__ = ("kernel", "grid", "static", "tma", "x_desc", "w_desc", "y_desc", "copy_bias")
+
+
+_PLANS = PlanCache()
+
+
+def _plan(x, weight, bias, u, lora_B, y, target) -> _Plan:
     M, K = x.shape
     N = weight.shape[0]
     R = u.shape[1]
@@ -181,54 +200,94 @@ def linear_lora_fwd(
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"bias must be [{N}], got {tuple(bias.shape)}")
     check_same(x, weight=weight, bias=bias, u=u, lora_B=lora_B)
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    if M == 0:
-        return y
-    target = target_of(x.device)
-    common = dict(
-        bias_ptr=bias if bias is not None else x,  # a placeholder pointer when there is no bias
-        u_ptr=u,
-        b_ptr=lora_B,
+    plan = _Plan()
+    plan.kernel = None  # nothing to launch: no rows or no output columns
+    if M == 0 or N == 0:
+        return plan
+    plan.copy_bias = bias is not None and bias.stride(0) != 1  # the kernel reads bias[n] at bias_ptr + n
+    plan.static = dict(
         M=M,
         N=N,
         K=K,
         R=R,
-        M_BUCKET=triton.next_power_of_2(M),
+        M_BUCKET=next_power_of_2(M),
         R_BUCKET=rank_bucket(R),
         stride_um=u.stride(0),
         stride_ur=u.stride(1),
         stride_bn=lora_B.stride(0),
         stride_br=lora_B.stride(1),
-        scaling=float(scaling),
         HAS_BIAS=bias is not None,
         DOT_PRECISION=dot_precision(x.dtype),
         BLOCK_R=rank_block(R),
+        ONE_RANK_TILE=R <= rank_block(R),
     )
-    if uses_tma(target) and aligned(x, weight, y):
-        # Block shapes are placeholders until the config's pre-hook sets them.
-        launch(
-            _linear_lora_fwd_tma_kernel,
-            lambda meta: (min(target.sm_count, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),),
-            x_desc=TensorDescriptor.from_tensor(x, [16, 16]),
-            w_desc=TensorDescriptor.from_tensor(weight, [16, 16]),
-            y_desc=TensorDescriptor.from_tensor(y, [16, 16]),
-            NUM_SMS=target.sm_count,
-            **common,
-        )
-        return y
-    kernel = _linear_lora_fwd_kernel if aligned(x, weight, y) else _linear_lora_fwd_unaligned_kernel
-    launch(
-        kernel,
-        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
-        x_ptr=x,
-        w_ptr=weight,
-        y_ptr=y,
+    is_aligned = aligned(x, weight, y)
+    # Tensor descriptors describe no empty dimension: K = 0 (y = bias + s u B^T) takes the pointers.
+    plan.tma = uses_tma(target) and is_aligned and K > 0
+    if plan.tma:
+        sms = target.sm_count
+        plan.kernel = _linear_lora_fwd_tma_kernel
+        plan.grid = lambda meta: (min(sms, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
+        plan.static["NUM_SMS"] = sms
+        plan.x_desc = descriptor_template(x)
+        plan.w_desc = descriptor_template(weight)
+        plan.y_desc = descriptor_template(y)
+        return plan
+    plan.kernel = _linear_lora_fwd_kernel if is_aligned else _linear_lora_fwd_unaligned_kernel
+    plan.grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
+    # The one-tile-per-program kernel keeps its rank loop: it has no tile loop to flatten, and
+    # without the loop ptxas (Triton 3.6) spills in some of its configs (compile matrix).
+    plan.static["ONE_RANK_TILE"] = False
+    plan.static.update(
         stride_xm=x.stride(0),
         stride_xk=x.stride(1),
         stride_wn=weight.stride(0),
         stride_wk=weight.stride(1),
         stride_ym=y.stride(0),
         stride_yn=y.stride(1),
-        **common,
     )
+    return plan
+
+
+def linear_lora_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    u: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """``y = x @ weight^T + bias + scaling * u @ lora_B^T`` for 2-D ``x [M, K]``, ``u [M, R]``."""
+    y = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype)
+    target = target_of(x.device)
+    key = (
+        tensor_key(x),
+        tensor_key(weight),
+        None if bias is None else tensor_key(bias),
+        tensor_key(u),
+        tensor_key(lora_B),
+        y.data_ptr() % 16,
+        target,
+        allow_tf32(),
+    )
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS.put(key, _plan(x, weight, bias, u, lora_B, y, target))
+    if plan.kernel is None:
+        return y
+    kwargs = plan.static.copy()
+    if bias is None:
+        bias = x  # a placeholder pointer, never read
+    elif plan.copy_bias:
+        bias = bias.contiguous()
+    kwargs.update(bias_ptr=bias, u_ptr=u, b_ptr=lora_B, scaling=float(scaling))
+    if plan.tma:
+        kwargs.update(
+            x_desc=fresh_descriptor(plan.x_desc, x),
+            w_desc=fresh_descriptor(plan.w_desc, weight),
+            y_desc=fresh_descriptor(plan.y_desc, y),
+        )
+    else:
+        kwargs.update(x_ptr=x, w_ptr=weight, y_ptr=y)
+    launch(plan.kernel, plan.grid, **kwargs)
     return y

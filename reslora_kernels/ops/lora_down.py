@@ -12,11 +12,23 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import aligned, check_2d, check_same, dot_precision, rank_block, rank_bucket
+from ._common import (
+    PlanCache,
+    aligned,
+    allow_tf32,
+    cdiv,
+    check_2d,
+    check_same,
+    dot_precision,
+    next_power_of_2,
+    rank_block,
+    rank_bucket,
+    tensor_key,
+)
 from ._configs import ROWS, ROWS_UNALIGNED, smallest, tile_configs
 from ._jit import lora_input_tile, tile_ptrs
-from ._target import autotune, launch
-from .dropout import dropout_args
+from ._target import autotune, launch, target_of
+from .dropout import dropout_args, dropout_threshold
 
 # Every flag that changes the build is in the key: an is-chain's block 0 (no x_prev) must not
 # hand its tuned config to block 1 (x_prev, twice the shared memory).
@@ -100,6 +112,60 @@ _lora_down_kernel = autotune(_CONFIGS, KEY, reset_to_zero=["sqnorm_ptr"])(_down_
 _lora_down_unaligned_kernel = autotune(_UNALIGNED_CONFIGS, KEY, reset_to_zero=["sqnorm_ptr"])(_down_jit)
 
 
+class _Plan:
+    """What every ``lora_down`` call of one key launches (see ``linear_lora_fwd._Plan``)."""
+
+    __slots__ = ("kernel", "grid", "static", "partials")
+
+
+_PLANS = PlanCache()
+
+
+def _plan(x, lora_A, x_prev, z, dropout_p, compute_x_sqnorm) -> _Plan:
+    M, K = x.shape
+    R = lora_A.shape[0]
+    check_2d("lora_A", lora_A, R, K)
+    if x_prev is not None:
+        check_2d("x_prev", x_prev, M, K)
+    check_same(x, lora_A=lora_A, x_prev=x_prev)
+    plan = _Plan()
+    plan.kernel = None  # no rows: nothing to launch
+    if M == 0:
+        return plan
+    block_r = rank_block(R)
+    is_aligned = aligned(x, x_prev)
+    plan.kernel = _lora_down_kernel if is_aligned else _lora_down_unaligned_kernel
+    # One partial per M tile: as many as the smallest BLOCK_M the tuner may pick produces.
+    plan.partials = cdiv(M, smallest(_CONFIGS if is_aligned else _UNALIGNED_CONFIGS, "BLOCK_M"))
+    rank_tiles = cdiv(R, block_r)
+    plan.grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), rank_tiles)
+    prev = x_prev if x_prev is not None else x
+    threshold, scale = (dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)) if dropout_p > 0.0 else (0, 1.0)
+    plan.static = dict(
+        M=M,
+        K=K,
+        R=R,
+        M_BUCKET=next_power_of_2(M),
+        R_BUCKET=rank_bucket(R),
+        stride_xm=x.stride(0),
+        stride_xk=x.stride(1),
+        stride_pm=prev.stride(0),
+        stride_pk=prev.stride(1),
+        stride_ar=lora_A.stride(0),
+        stride_ak=lora_A.stride(1),
+        stride_zm=z.stride(0),
+        stride_zr=z.stride(1),
+        drop_threshold=threshold,
+        drop_scale=scale,
+        HAS_PREV=x_prev is not None,
+        DROPOUT=dropout_p > 0.0,
+        SQNORM=compute_x_sqnorm,
+        DOT_PRECISION=dot_precision(x.dtype),
+        BLOCK_R=block_r,
+    )
+    return plan
+
+
 def lora_down(
     x: torch.Tensor,
     lora_A: torch.Tensor,
@@ -113,54 +179,33 @@ def lora_down(
     """``z = drop(input_scale * (x [+ x_prev])) @ lora_A^T`` for 2-D ``x [M, K]``; returns
     ``(z [M, R] in x's dtype, ||x||_F^2 as a float32 scalar or None)``. ``dropout_seed`` is a
     0-d int64 tensor on x's device."""
-    M, K = x.shape
-    R = lora_A.shape[0]
-    check_2d("lora_A", lora_A, R, K)
-    if x_prev is not None:
-        check_2d("x_prev", x_prev, M, K)
-    check_same(x, lora_A=lora_A, x_prev=x_prev)
-    seed_ptr, threshold, scale = dropout_args(dropout_p, dropout_seed, x)
-    z = torch.empty((M, R), device=x.device, dtype=x.dtype)
-    if M == 0:
-        return z, (torch.zeros((), device=x.device, dtype=torch.float32) if compute_x_sqnorm else None)
-    block_r = rank_block(R)
-    is_aligned = aligned(x, x_prev)
-    kernel = _lora_down_kernel if is_aligned else _lora_down_unaligned_kernel
-    # One partial per M tile: as many as the smallest BLOCK_M the tuner may pick produces.
-    block_m_min = smallest(_CONFIGS if is_aligned else _UNALIGNED_CONFIGS, "BLOCK_M")
-    partials = (
-        torch.zeros(triton.cdiv(M, block_m_min), device=x.device, dtype=torch.float32) if compute_x_sqnorm else None
+    seed_ptr = dropout_args(dropout_p, dropout_seed, x)[0]
+    z = torch.empty((x.shape[0], lora_A.shape[0]), device=x.device, dtype=x.dtype)
+    key = (
+        tensor_key(x),
+        tensor_key(lora_A),
+        None if x_prev is None else tensor_key(x_prev),
+        dropout_p,
+        compute_x_sqnorm,
+        target_of(x.device),
+        allow_tf32(),
     )
-    prev = x_prev if x_prev is not None else x
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS.put(key, _plan(x, lora_A, x_prev, z, dropout_p, compute_x_sqnorm))
+    if plan.kernel is None:
+        return z, (torch.zeros((), device=x.device, dtype=torch.float32) if compute_x_sqnorm else None)
+    partials = torch.zeros(plan.partials, device=x.device, dtype=torch.float32) if compute_x_sqnorm else None
     launch(
-        kernel,
-        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r)),
+        plan.kernel,
+        plan.grid,
         x_ptr=x,
-        x_prev_ptr=prev,
+        x_prev_ptr=x_prev if x_prev is not None else x,
         a_ptr=lora_A,
         z_ptr=z,
         sqnorm_ptr=partials if partials is not None else z,  # z: a placeholder, never written
         seed_ptr=seed_ptr,
-        M=M,
-        K=K,
-        R=R,
-        M_BUCKET=triton.next_power_of_2(M),
-        R_BUCKET=rank_bucket(R),
-        stride_xm=x.stride(0),
-        stride_xk=x.stride(1),
-        stride_pm=prev.stride(0),
-        stride_pk=prev.stride(1),
-        stride_ar=lora_A.stride(0),
-        stride_ak=lora_A.stride(1),
-        stride_zm=z.stride(0),
-        stride_zr=z.stride(1),
-        drop_threshold=threshold,
-        drop_scale=scale,
         input_scale=float(input_scale),
-        HAS_PREV=x_prev is not None,
-        DROPOUT=dropout_p > 0.0,
-        SQNORM=compute_x_sqnorm,
-        DOT_PRECISION=dot_precision(x.dtype),
-        BLOCK_R=block_r,
+        **plan.static,
     )
     return z, (partials.sum() if compute_x_sqnorm else None)

@@ -9,19 +9,24 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    PlanCache,
     aligned,
+    allow_tf32,
+    cdiv,
     check_2d,
     check_rank_space,
     check_same,
     deterministic,
     dot_precision,
+    next_power_of_2,
     rank_block,
     rank_bucket,
+    tensor_key,
 )
 from ._configs import ROWS, ROWS_UNALIGNED, smallest, tile_configs
 from ._jit import lora_input_tile, tile_ptrs
 from ._target import autotune, launch, target_of
-from .dropout import dropout_args
+from .dropout import dropout_args, dropout_threshold
 
 KEY = ["M_BUCKET", "K", "R_BUCKET", "BLOCK_R", "SPLIT_M", "HAS_PREV", "DROPOUT", "DETERMINISTIC", "DOT_PRECISION"]
 
@@ -96,7 +101,8 @@ def _lora_grad_a_kernel(
     if DETERMINISTIC:
         tl.store(da_ptrs, acc, mask=da_mask)
     else:
-        tl.atomic_add(da_ptrs, acc, mask=da_mask)
+        # relaxed: read only after the kernel ends; acq_rel would add a fence per atomic.
+        tl.atomic_add(da_ptrs, acc, mask=da_mask, sem="relaxed")
 
 
 _CONFIGS = tile_configs(ROWS, ("BLOCK_M", "BLOCK_K"))
@@ -104,6 +110,67 @@ _UNALIGNED_CONFIGS = tile_configs(ROWS_UNALIGNED, ("BLOCK_M", "BLOCK_K"))
 _grad_a_jit = _lora_grad_a_kernel
 _lora_grad_a_kernel = autotune(_CONFIGS, KEY, reset_to_zero=["da_ptr"])(_grad_a_jit)
 _lora_grad_a_unaligned_kernel = autotune(_UNALIGNED_CONFIGS, KEY, reset_to_zero=["da_ptr"])(_grad_a_jit)
+
+
+class _Plan:
+    """What every ``lora_grad_A`` call of one key launches (see ``linear_lora_fwd._Plan``)."""
+
+    __slots__ = ("kernel", "grid", "static", "da_shape")
+
+
+_PLANS = PlanCache()
+
+
+def _plan(g, x, x_prev, dropout_p, det, target) -> _Plan:
+    M, K = x.shape
+    R = g.shape[1]
+    check_2d("g", g, M, R)
+    if x_prev is not None:
+        check_2d("x_prev", x_prev, M, K)
+    check_same(x, x_prev=x_prev)
+    check_rank_space("g", g, x)
+    plan = _Plan()
+    plan.kernel = None  # no rows: dA is zero
+    if M == 0:
+        return plan
+    block_r = rank_block(R)
+    is_aligned = aligned(x, x_prev)
+    configs = _CONFIGS if is_aligned else _UNALIGNED_CONFIGS
+    # Split the rows so that the grid fills the GPU (4 programs per SM) even when K / BLOCK_K is
+    # small; each split keeps at least one full tile of the largest BLOCK_M.
+    programs = cdiv(K, smallest(configs, "BLOCK_K")) * cdiv(R, block_r)
+    block_m_max = max(c.kwargs["BLOCK_M"] for c in configs)
+    wanted = 4 * target.sm_count
+    split = max(1, min(cdiv(wanted, programs), cdiv(M, block_m_max)))
+    plan.da_shape = (split, R, K) if det else (R, K)
+    plan.kernel = _lora_grad_a_kernel if is_aligned else _lora_grad_a_unaligned_kernel
+    rank_tiles = cdiv(R, block_r)
+    plan.grid = lambda meta: (cdiv(K, meta["BLOCK_K"]), rank_tiles, split)
+    prev = x_prev if x_prev is not None else x
+    threshold, scale = (dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)) if dropout_p > 0.0 else (0, 1.0)
+    plan.static = dict(
+        M=M,
+        K=K,
+        R=R,
+        M_BUCKET=next_power_of_2(M),
+        R_BUCKET=rank_bucket(R),
+        SPLIT_M=split,
+        ROWS_PER_SPLIT=cdiv(M, split),
+        stride_gm=g.stride(0),
+        stride_gr=g.stride(1),
+        stride_xm=x.stride(0),
+        stride_xk=x.stride(1),
+        stride_pm=prev.stride(0),
+        stride_pk=prev.stride(1),
+        drop_threshold=threshold,
+        drop_scale=scale,
+        HAS_PREV=x_prev is not None,
+        DROPOUT=dropout_p > 0.0,
+        DETERMINISTIC=det,
+        DOT_PRECISION=dot_precision(x.dtype),
+        BLOCK_R=block_r,
+    )
+    return plan
 
 
 def lora_grad_A(
@@ -117,58 +184,34 @@ def lora_grad_A(
 ) -> torch.Tensor:
     """``dA = g^T @ drop(input_scale * (x [+ x_prev]))`` for ``g [M, R]`` (float32) and 2-D
     ``x [M, K]``, in x's dtype. ``dropout_seed`` is the forward's 0-d int64 seed tensor."""
-    M, K = x.shape
-    R = g.shape[1]
-    check_2d("g", g, M, R)
-    if x_prev is not None:
-        check_2d("x_prev", x_prev, M, K)
-    check_same(x, x_prev=x_prev)
-    check_rank_space("g", g, x)
-    seed_ptr, threshold, scale = dropout_args(dropout_p, dropout_seed, x)
-    if M == 0:
-        return torch.zeros((R, K), device=x.device, dtype=x.dtype)
-    block_r = rank_block(R)
-    is_aligned = aligned(x, x_prev)
-    configs = _CONFIGS if is_aligned else _UNALIGNED_CONFIGS
-    # Split the rows so that the grid fills the GPU (4 programs per SM) even when K / BLOCK_K is
-    # small; each split keeps at least one full tile of the largest BLOCK_M.
-    programs = triton.cdiv(K, smallest(configs, "BLOCK_K")) * triton.cdiv(R, block_r)
-    block_m_max = max(c.kwargs["BLOCK_M"] for c in configs)
-    wanted = 4 * target_of(x.device).sm_count
-    split = max(1, min(triton.cdiv(wanted, programs), triton.cdiv(M, block_m_max)))
-    rows_per_split = triton.cdiv(M, split)
+    seed_ptr = dropout_args(dropout_p, dropout_seed, x)[0]
     det = deterministic()
-    da = torch.zeros((split, R, K) if det else (R, K), device=x.device, dtype=torch.float32)
-    prev = x_prev if x_prev is not None else x
+    target = target_of(x.device)
+    key = (
+        tensor_key(g),
+        tensor_key(x),
+        None if x_prev is None else tensor_key(x_prev),
+        dropout_p,
+        det,
+        target,
+        allow_tf32(),
+    )
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS.put(key, _plan(g, x, x_prev, dropout_p, det, target))
+    if plan.kernel is None:
+        return torch.zeros((g.shape[1], x.shape[1]), device=x.device, dtype=x.dtype)
+    da = torch.zeros(plan.da_shape, device=x.device, dtype=torch.float32)
     launch(
-        _lora_grad_a_kernel if is_aligned else _lora_grad_a_unaligned_kernel,
-        lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(R, block_r), split),
+        plan.kernel,
+        plan.grid,
         g_ptr=g,
         x_ptr=x,
-        x_prev_ptr=prev,
+        x_prev_ptr=x_prev if x_prev is not None else x,
         da_ptr=da,
         seed_ptr=seed_ptr,
-        M=M,
-        K=K,
-        R=R,
-        M_BUCKET=triton.next_power_of_2(M),
-        R_BUCKET=rank_bucket(R),
-        SPLIT_M=split,
-        ROWS_PER_SPLIT=rows_per_split,
-        stride_gm=g.stride(0),
-        stride_gr=g.stride(1),
-        stride_xm=x.stride(0),
-        stride_xk=x.stride(1),
-        stride_pm=prev.stride(0),
-        stride_pk=prev.stride(1),
-        drop_threshold=threshold,
-        drop_scale=scale,
         input_scale=float(input_scale),
-        HAS_PREV=x_prev is not None,
-        DROPOUT=dropout_p > 0.0,
-        DETERMINISTIC=det,
-        DOT_PRECISION=dot_precision(x.dtype),
-        BLOCK_R=block_r,
+        **plan.static,
     )
     if det:
         da = da.sum(0)

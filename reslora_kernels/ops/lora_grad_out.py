@@ -8,10 +8,23 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import aligned, check_2d, check_same, deterministic, dot_precision, rank_block, rank_bucket
+from ._common import (
+    PlanCache,
+    aligned,
+    allow_tf32,
+    cdiv,
+    check_2d,
+    check_same,
+    deterministic,
+    dot_precision,
+    next_power_of_2,
+    rank_block,
+    rank_bucket,
+    tensor_key,
+)
 from ._configs import GRAD_OUT, GRAD_OUT_BLOCK_M, GRAD_OUT_UNALIGNED, tile_configs
 from ._jit import tile_ptrs
-from ._target import autotune, launch
+from ._target import autotune, launch, target_of
 
 KEY = ["M_BUCKET", "N", "R_BUCKET", "BLOCK_R", "DETERMINISTIC", "DOT_PRECISION"]
 
@@ -60,8 +73,14 @@ def _lora_grad_out_kernel(
     g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     if DETERMINISTIC:
         db_ptr += pid_m.to(tl.int64) * N * R
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+    # Each program starts at its own N tile and wraps around: the M-tile programs add into the
+    # same rows of dB, and starting together at n = 0 they would queue on the same addresses.
+    num_n = tl.cdiv(N, BLOCK_N)
+    first = pid_m % num_n
+    for i in range(0, num_n):
+        n_tile = first + i
+        n_tile = tl.where(n_tile >= num_n, n_tile - num_n, n_tile)
+        offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = offs_n < N
         grad_out = tl.load(
             tile_ptrs(grad_out_ptr, offs_m, offs_n, stride_om, stride_on),
@@ -80,7 +99,10 @@ def _lora_grad_out_kernel(
         if DETERMINISTIC:
             tl.store(db_ptrs, db, mask=db_mask)
         else:
-            tl.atomic_add(db_ptrs, db, mask=db_mask)
+            # relaxed: the sums are read only after the kernel ends, so no ordering with other
+            # memory operations is needed, and the default acq_rel costs a fence (MEMBAR.GPU) per
+            # atomic.
+            tl.atomic_add(db_ptrs, db, mask=db_mask, sem="relaxed")
     tl.store(
         tile_ptrs(g_ptr, offs_m, offs_r, stride_gm, stride_gr),
         g * scaling,
@@ -95,37 +117,36 @@ _lora_grad_out_unaligned_kernel = autotune(
 )(_grad_out_jit)
 
 
-def lora_grad_out(
-    grad_out: torch.Tensor, lora_B: torch.Tensor, u: torch.Tensor, scaling: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(g, dB)`` = ``(scaling * grad_out @ lora_B, scaling * grad_out^T @ u)`` for 2-D
-    ``grad_out [M, N]``, ``u [M, R]``; ``g`` in float32 (it feeds two more products), ``dB`` in
-    ``lora_B``'s dtype."""
+class _Plan:
+    """What every ``lora_grad_out`` call of one key launches (see ``linear_lora_fwd._Plan``)."""
+
+    __slots__ = ("kernel", "grid", "static", "db_shape")
+
+
+_PLANS = PlanCache()
+
+
+def _plan(grad_out, lora_B, u, det) -> _Plan:
     M, N = grad_out.shape
     R = u.shape[1]
     check_2d("lora_B", lora_B, N, R)
     check_2d("u", u, M, R)
     check_same(grad_out, lora_B=lora_B, u=u)
-    g = torch.empty((M, R), device=grad_out.device, dtype=torch.float32)
-    if M == 0:
-        return g, torch.zeros_like(lora_B)
+    plan = _Plan()
+    plan.kernel = None  # no rows or no output columns: g and dB are zero
+    if M == 0 or N == 0:
+        return plan
     # BLOCK_M is the launcher's choice, not the tuner's: the deterministic partials depend on it.
-    num_m = triton.cdiv(M, GRAD_OUT_BLOCK_M)
+    num_m = cdiv(M, GRAD_OUT_BLOCK_M)
     block_r = rank_block(R)
-    det = deterministic()
-    db = torch.zeros((num_m, N, R) if det else (N, R), device=grad_out.device, dtype=torch.float32)
-    launch(
-        _lora_grad_out_kernel if aligned(grad_out) else _lora_grad_out_unaligned_kernel,
-        (num_m, triton.cdiv(R, block_r)),
-        grad_out_ptr=grad_out,
-        b_ptr=lora_B,
-        u_ptr=u,
-        g_ptr=g,
-        db_ptr=db,
+    plan.db_shape = (num_m, N, R) if det else (N, R)
+    plan.kernel = _lora_grad_out_kernel if aligned(grad_out) else _lora_grad_out_unaligned_kernel
+    plan.grid = (num_m, cdiv(R, block_r))
+    plan.static = dict(
         M=M,
         N=N,
         R=R,
-        M_BUCKET=triton.next_power_of_2(M),
+        M_BUCKET=next_power_of_2(M),
         R_BUCKET=rank_bucket(R),
         stride_om=grad_out.stride(0),
         stride_on=grad_out.stride(1),
@@ -133,13 +154,42 @@ def lora_grad_out(
         stride_br=lora_B.stride(1),
         stride_um=u.stride(0),
         stride_ur=u.stride(1),
-        stride_gm=g.stride(0),
-        stride_gr=g.stride(1),
-        scaling=float(scaling),
+        stride_gm=R,  # g is a new contiguous [M, R]
+        stride_gr=1,
         DETERMINISTIC=det,
         DOT_PRECISION=dot_precision(grad_out.dtype),
         BLOCK_M=GRAD_OUT_BLOCK_M,
         BLOCK_R=block_r,
+    )
+    return plan
+
+
+def lora_grad_out(
+    grad_out: torch.Tensor, lora_B: torch.Tensor, u: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(g, dB)`` = ``(scaling * grad_out @ lora_B, scaling * grad_out^T @ u)`` for 2-D
+    ``grad_out [M, N]``, ``u [M, R]``; ``g`` in float32 (it feeds two more products), ``dB`` in
+    ``lora_B``'s dtype."""
+    det = deterministic()
+    key = (tensor_key(grad_out), tensor_key(lora_B), tensor_key(u), det, target_of(grad_out.device), allow_tf32())
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS.put(key, _plan(grad_out, lora_B, u, det))
+    device, g_shape = grad_out.device, (grad_out.shape[0], u.shape[1])
+    if plan.kernel is None:
+        return torch.zeros(g_shape, device=device, dtype=torch.float32), torch.zeros_like(lora_B)
+    g = torch.empty(g_shape, device=device, dtype=torch.float32)
+    db = torch.zeros(plan.db_shape, device=device, dtype=torch.float32)
+    launch(
+        plan.kernel,
+        plan.grid,
+        grad_out_ptr=grad_out,
+        b_ptr=lora_B,
+        u_ptr=u,
+        g_ptr=g,
+        db_ptr=db,
+        scaling=float(scaling),
+        **plan.static,
     )
     if det:
         db = db.sum(0)
