@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import rel_err
+from helpers import rel_err
 
 transformers = pytest.importorskip("transformers")
 
