@@ -51,8 +51,9 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     is in the middle of a forward pass. Run the backward of a forward made inside the context inside
     it too (gradient checkpointing recomputes the forward during backward with the adapter as it is
     then). DDP, FSDP and ``torch.compile`` wrappers are looked through; a compiled model compiles
-    once more for the disabled state. Entered inside a compiled function, the switch is a graph break
-    (with ``fullgraph=True`` an error saying so). A model without ResLoRA layers is an error.
+    once more for the disabled state. Entered inside a compiled function (``fullgraph=True`` too), the
+    switch is traced: the blocks traced inside the context run their base layers. A model without
+    ResLoRA layers is an error.
     """
     modules = _switches(model)
     _switch(modules, +1)
@@ -62,12 +63,13 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
         _switch(modules, -1)
 
 
-@torch.compiler.disable(
-    reason="disable_adapter switches the model outside the graph: enter it around the compiled call, or "
-    "compile without fullgraph=True (the switch is then a graph break)"
-)
 def _switch(modules: list[nn.Module], step: int) -> None:
-    # Eager even inside a compiled function: the counters are read as guards by the compiled blocks.
+    if torch.compiler.is_compiling():
+        # Traced inside a compiled function: Dynamo replays the counters' changes as side effects
+        # and sees their new values in the blocks it traces after them (no lock can be traced).
+        for module in modules:
+            module._adapter_disabled += step
+        return
     with _SWITCH:
         for module in modules:
             module._adapter_disabled += step
