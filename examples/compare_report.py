@@ -294,6 +294,228 @@ def remarks(results: dict, found: list[dict], lora: dict | None) -> list[str]:
     return out
 
 
+def _seed_spread(group: dict) -> tuple[float, float]:
+    accuracies = [r["test_accuracy"] * 100 for r in group["runs"]]
+    return min(accuracies), max(accuracies)
+
+
+def _failed_lrs(results: dict) -> list[str]:
+    """Learning rates at which most runs score exactly the largest class's share of the test split
+    (the model predicts one class: training failed)."""
+    counts = results["dataset"]["counts"]["test"]
+    share = max(counts.values()) / sum(counts.values())
+    out = []
+    for lr in sorted({r["lr"] for r in results["runs"]}):
+        at = [r for r in results["runs"] if r["lr"] == lr]
+        stuck = sum(math.isclose(r["test_accuracy"], share, abs_tol=1e-9) for r in at)
+        if 2 * stuck > len(at):
+            out.append(
+                f"at {lr:g} training fails ({stuck} of the {len(at)} runs score exactly the largest class's share "
+                f"of the test split, {share * 100:.1f}%)"
+            )
+    return out
+
+
+def _shared_runs(results: dict, earlier: dict) -> str:
+    """How the runs two results share (mode, learning rate, seed) agree."""
+    key = lambda r: (r["mode"], r["lr"], r["seed"])
+    now, then = {key(r): r for r in results["runs"]}, {key(r): r for r in earlier["runs"]}
+    shared = sorted(set(now) & set(then))
+    if not shared or earlier["settings"]["steps"] != results["settings"]["steps"]:
+        return "it shares no run with this one"
+    accuracy = max(
+        abs(now[k][field] - then[k][field]) for k in shared for field in ("val_accuracy", "test_accuracy")
+    )
+    loss = max(abs(a - b) for k in shared for a, b in zip(now[k]["loss"], then[k]["loss"]))
+    configurations = len({k[:2] for k in shared})
+    agree = (
+        "the same validation and test accuracies" if accuracy == 0 else f"accuracies within {accuracy * 100:.1f} points"
+    )
+    return (
+        f"the {len(shared)} runs ({configurations} configurations, every seed) it shares with this one give {agree} "
+        f"here (training losses within {loss:.0e})"
+    )
+
+
+def findings(results: dict, earlier: dict[str, dict] | None = None) -> list[str]:
+    """What the comparison shows and what it does not, generated from the results (and from earlier
+    runs, ``{file name: results}``), so that no number in it is typed."""
+    s = results["settings"]
+    runs = results["runs"]
+    found = groups(results)
+    lora = next((g for g in found if g["mode"] == "none"), None)
+    if lora is None or len(found) < 2:
+        return []
+    others = [g for g in found if g is not lora]
+    n_test = sum(results["dataset"]["counts"]["test"].values())
+    n_val = sum(results["dataset"]["counts"]["val"].values())
+    n_train = sum(results["dataset"]["counts"]["train"].values())
+    accuracy = statistics.fmean(r["test_accuracy"] for r in lora["runs"])
+    stderr = math.sqrt(accuracy * (1 - accuracy) / n_test) * 100
+    test_diff = {g["mode"]: statistics.fmean(_diffs(g, lora, lambda r: r["test_accuracy"])) * 100 for g in others}
+    ahead = {g["mode"]: sum(d > 0 for d in _diffs(g, lora, lambda r: r["test_accuracy"])) for g in others}
+    seeds = len(s["seeds"])
+    low, high = _seed_spread(lora)
+    sweep = results.get("sweep") or {}
+    inside = all(edge(runs, g["mode"]) is None for g in found)
+    extensions = len(sweep.get("rounds", [None])) - 1
+    bests = ", ".join(f"{g['lr']:g} for {'plain LoRA' if g is lora else '`' + g['mode'] + '`'}" for g in found)
+    where = (
+        f"The sweep found every mode's best learning rate inside the grid after {extensions} extension(s): {bests}"
+        if inside
+        else f"Not every mode's best learning rate lies inside the grid (above): {bests}"
+    )
+    failed = _failed_lrs(results)
+    sides = "; ".join(
+        f"`{mode}` {diff:+.1f} points against plain LoRA (ahead on {ahead[mode]} of {seeds} seeds)"
+        for mode, diff in test_diff.items()
+    )
+    per_seed = {g["mode"]: _diffs(g, lora, lambda r: r["test_accuracy"]) for g in others}
+    steady = [m for m, d in per_seed.items() if d and (all(x > 0 for x in d) or all(x < 0 for x in d))]
+    beyond = [m for m, d in test_diff.items() if abs(d) >= stderr]
+    every = [x * 100 for d in per_seed.values() for x in d]
+    against_error = (
+        "; ".join(
+            f"`{m}`'s mean difference, {test_diff[m]:+.1f}, is as large as the binomial standard error of one test "
+            f"accuracy ({stderr:.1f} points)"
+            for m in beyond
+        )
+        if beyond
+        else f"every mean difference is below the binomial standard error of one test accuracy ({stderr:.1f} points)"
+    )
+    if not steady:
+        verdict = (
+            f"No mode is ahead of plain LoRA, or behind it, on every seed (the per-seed differences span "
+            f"{min(every):+.1f} to {max(every):+.1f} points; plain LoRA alone spans {low:.1f} to {high:.1f} across "
+            f"seeds), and {against_error}: this run does not show that any shortcut helps or hurts in this setting."
+        )
+    else:
+        verdict = (
+            f"{', '.join(f'`{m}`' for m in steady)} differs from plain LoRA in the same direction on every one of the "
+            f"{seeds} seeds ({against_error}; plain LoRA alone spans {low:.1f} to {high:.1f} across seeds): a signal "
+            f"worth a larger run, not a result on {seeds} seeds."
+        )
+    by_val = max(found, key=lambda g: statistics.fmean(r["val_accuracy"] for r in g["runs"]))
+    by_test = max(found, key=lambda g: statistics.fmean(r["test_accuracy"] for r in g["runs"]))
+    name = lambda g: "plain LoRA" if g is lora else f"`{g['mode']}`"
+    order = (
+        f" The validation split orders the modes differently ({name(by_val)} first on validation, "
+        f"{name(by_test)} on test)."
+        if by_val is not by_test
+        else f" Validation and test put {name(by_val)} first."
+    )
+    out = [
+        f"- **Each mode at its own best learning rate.** {where}"
+        + (f"; {'; '.join(failed)}" if failed else "")
+        + f". At those rates: {sides}. {verdict}{order}"
+    ]
+    second = {k: v for k, v in (earlier or {}).items() if v.get("selected", {}).get("plain_lora_best_lr")}
+    for file, then in second.items():
+        then_lora = then["selected"]["plain_lora_best_lr"]
+        then_lr = then["settings"]["lr"]
+        then_found = {
+            mode: [r for r in then["runs"] if r["mode"] == mode and r["lr"] == (then_lr, then_lora)[mode == "none"]]
+            for mode in modes_of(then["runs"])
+        }
+        if then["settings"]["steps"] != s["steps"] or not then_found.get("none"):
+            continue
+        accuracy_of = lambda r: r["test_accuracy"]
+        then_gaps = {
+            mode: statistics.fmean(_diffs({"runs": rs}, {"runs": then_found["none"]}, accuracy_of)) * 100
+            for mode, rs in then_found.items()
+            if mode != "none"
+        }
+        gaps = ", ".join(f"`{mode}` {gap:+.1f}" for mode, gap in then_gaps.items())
+        smaller = max(abs(d) for d in test_diff.values()) < min(abs(d) for d in then_gaps.values())
+        out.append(
+            f"- **The earlier comparison at one learning rate** (`{file}`: ResLoRA at {then_lr:g} only, plain LoRA at "
+            f"its best {then_lora:g}) gave {gaps} points against plain LoRA; "
+            + (
+                "at each mode's own best learning rate every difference is smaller than the smallest of those: "
+                "that comparison measured step sizes, not methods."
+                if smaller
+                else "at each mode's own best learning rate the differences are those above."
+            )
+        )
+        break
+    loss_diff = {g["mode"]: statistics.fmean(_diffs(g, lora, final_loss)) for g in others}
+    crossings = {}
+    for g in others:
+        paired = {r["seed"]: r["loss"] for r in lora["runs"]}
+        per_step = [
+            statistics.fmean(r["loss"][i] - paired[r["seed"]][i] for r in g["runs"] if r["seed"] in paired)
+            for i in range(s["steps"])
+        ]
+        crossings[g["mode"]] = sum((a > 0) != (b > 0) for a, b in zip(per_step, per_step[1:]))
+    out.append(
+        "- **Training loss** at the end (mean of the last tenth of the steps), against plain LoRA: "
+        + ", ".join(f"`{m}` {d:+.3f}" for m, d in loss_diff.items())
+        + "; the mean paired per-step difference changes sign "
+        + ", ".join(f"{crossings[m]} times (`{m}`)" for m in crossings)
+        + f" over the {s['steps']} steps."
+    )
+    merges = []
+    for g in others:
+        for method in ("auto", "lstsq"):
+            if all((r.get("merged") or {}).get(method) for r in g["runs"]):
+                change = statistics.fmean(r["merged"][method]["test_accuracy"] - r["test_accuracy"] for r in g["runs"])
+                merges.append(f"`{method}` {change * 100:+.1f} for `{g['mode']}`")
+    exact = [
+        g["mode"]
+        for g in found
+        if g["mode"] in ("none", "bs")
+        and all(r.get("merged") and r["merged"]["auto"]["test_accuracy"] == r["test_accuracy"] for r in g["runs"])
+    ]
+    out.append(
+        "- **Merging** changes the test accuracy (points, mean over seeds) by "
+        + ", ".join(merges)
+        + " (`auto` is the paper's `input_norm` for `is` and `ms`)"
+        + (f"; {' and '.join(f'`{m}`' for m in exact)} merge exactly (the same accuracy on every seed)" * bool(exact))
+        + "."
+    )
+    lora_val = sorted(
+        (mean_val_accuracy(runs, "none", lr) * 100 for lr in swept_lrs(runs, "none")), reverse=True
+    )
+    out.append(
+        f"- **What is chosen on what**: the learning rates on the validation split only ({n_val:,} tweets, mean over "
+        f"the {seeds} seeds); the test split is read only to report. The validation split is small, so the choice "
+        "itself is noisy"
+        + (
+            f": plain LoRA's two best validation means differ by {lora_val[0] - lora_val[1]:.1f} points."
+            if len(lora_val) > 1
+            else "."
+        )
+    )
+    labels = len(results["dataset"]["counts"]["test"])
+    cost = (
+        f" ({results['wall_seconds'] / 60:.0f} minutes of wall time for {len(runs)} training runs)"
+        if "wall_seconds" in results
+        else ""
+    )
+    load = results.get("load_average") or {}
+    busy = max(load.values(), default=0.0) > results["versions"].get("torch_threads", 1) + 0.5
+    shared = " other jobs were using" if busy else ""
+    out.append(
+        f"- **Scale**: one {s['model_params'] / 1e6:.1f}M-parameter encoder, one {labels}-class task with noisy "
+        f"crowd labels, {s['steps']} steps of {s['batch_size']} tweets "
+        f"({s['steps'] * s['batch_size'] / n_train * 100:.0f}% of one epoch), {seeds} seeds, r = {s['rank']}, CPU "
+        f"only, on a {results['versions']['cpu_count']}-core machine{shared}{cost}: nothing here speaks "
+        "for larger models, longer training or the paper's tasks, and no timing in it means anything for speed "
+        "(see Benchmarks)."
+    )
+    for file, then in (earlier or {}).items():
+        lrs = then["settings"].get("lr_sweep") or []
+        n_then_val = sum(then["dataset"]["counts"]["val"].values())
+        commit = (then["git"]["commit"] or "unknown")[:7] + (DIRTY if then["git"]["dirty"] else "")
+        out.append(
+            f"- **Earlier run** `{file}` ({then['settings']['steps']} steps, a {n_then_val:,}-tweet validation split, "
+            f"commit {commit}): swept plain LoRA's learning rate over {', '.join(f'{lr:g}' for lr in lrs)} (best "
+            f"{then['selected']['plain_lora_best_lr']:g}) and ran ResLoRA at {then['settings']['lr']:g} only; "
+            f"{_shared_runs(results, then)}."
+        )
+    return out
+
+
 # ----------------------------------------------------------------------------- plot
 def _smooth(values: list[float], window: int) -> list[float]:
     out, total = [], 0.0
@@ -431,17 +653,23 @@ def plot(results: dict, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- README
-def readme_block(results: dict) -> str:
-    return f"{README_START}\n![ResLoRA vs LoRA on tweet sentiment]({IMAGE})\n\n{markdown(results)}{README_END}"
+def readme_block(results: dict, earlier: dict[str, dict] | None = None) -> str:
+    """README's results section: the plot, :func:`markdown` and :func:`findings` (``earlier``: ``{file
+    name: results}`` of earlier runs kept beside this one)."""
+    shows = findings(results, earlier)
+    text = f"{README_START}\n![ResLoRA vs LoRA on tweet sentiment]({IMAGE})\n\n{markdown(results)}"
+    if shows:
+        text += "\n### What this shows, and what it does not\n\n" + "\n".join(shows) + "\n"
+    return text + README_END
 
 
-def update_readme(readme: Path, results: dict) -> None:
+def update_readme(readme: Path, results: dict, earlier: dict[str, dict] | None = None) -> None:
     text = readme.read_text()
     if README_START not in text or README_END not in text:
         raise ValueError(f"{readme} has no {README_START} ... {README_END} section to fill")
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
-    readme.write_text(head + readme_block(results) + tail)
+    readme.write_text(head + readme_block(results, earlier) + tail)
 
 
 def main(argv=None) -> None:
@@ -449,11 +677,15 @@ def main(argv=None) -> None:
     parser.add_argument("results", type=Path)
     parser.add_argument("--readme", type=Path, help="rewrite this README's example-results section")
     parser.add_argument("--png", type=Path, help="draw the plot here")
+    parser.add_argument(
+        "--earlier", type=Path, action="append", default=[], help="an earlier run's results, compared in the README"
+    )
     args = parser.parse_args(argv)
     results = json.loads(args.results.read_text())
+    earlier = {path.name: json.loads(path.read_text()) for path in args.earlier}
     print(markdown(results))
     if args.readme:
-        update_readme(args.readme, results)
+        update_readme(args.readme, results, earlier)
     if args.png:
         plot(results, args.png)
 

@@ -15,6 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 RESULTS = EXAMPLES / "results" / "compare_modes.json"
+# Earlier runs kept beside the results, compared in README's findings (the README's regenerate command names them).
+EARLIER = [EXAMPLES / "results" / name for name in ("second_run_lora_lr_only.json", "first_run_100_steps.json")]
 sys.path.insert(0, str(EXAMPLES))
 
 import compare_report as report  # noqa: E402
@@ -112,12 +114,55 @@ def test_trainer_recipe_quick_saves_adapter_and_merges(tmp_path):
 # ----------------------------------------------------------------------------- committed results
 def test_readme_results_are_generated_from_the_committed_json():
     results = json.loads(RESULTS.read_text())
+    earlier = {path.name: json.loads(path.read_text()) for path in EARLIER}
     readme = (ROOT / "README.md").read_text()
     start, end = readme.index(report.README_START), readme.index(report.README_END) + len(report.README_END)
-    assert readme[start:end] == report.readme_block(results), (
+    assert readme[start:end] == report.readme_block(results, earlier), (
         "README's example results differ from the committed JSON: "
-        "python examples/compare_report.py examples/results/compare_modes.json --readme README.md"
+        "python examples/compare_report.py examples/results/compare_modes.json --readme README.md "
+        + " ".join(f"--earlier {path.relative_to(ROOT)}" for path in EARLIER)
     )
+    assert all(f"--earlier {path.relative_to(ROOT)}" in readme for path in EARLIER)
+    # What the results show is generated too: no hand-written section repeats (and could contradict) them.
+    assert readme.count("### What this shows, and what it does not") == 1
+    assert "### What this shows, and what it does not" in readme[start:end]
+
+
+def _findings(results, **earlier):
+    return "\n".join(report.findings(results, earlier))
+
+
+def test_findings_follow_the_numbers():
+    results = json.loads(RESULTS.read_text())
+    text = _findings(results)
+    assert "this run does not show that any shortcut helps or hurts" in text
+    # Make bs win on every seed: the verdict changes to what that would mean, and nothing else is claimed.
+    best = report.best_lrs(results["runs"])
+    lora = {r["seed"]: r for r in results["runs"] if r["mode"] == "none" and r["lr"] == best["none"]}
+    for run in results["runs"]:
+        if run["mode"] == "bs" and run["lr"] == best["bs"]:
+            run["test_accuracy"] = lora[run["seed"]]["test_accuracy"] + 0.05
+    text = _findings(results)
+    assert "`bs` differs from plain LoRA in the same direction on every one of the 3 seeds" in text
+    assert "`bs` +5.0 points against plain LoRA (ahead on 3 of 3 seeds)" in text
+    assert "does not show" not in text
+    # A merged model that is not exact is not called exact.
+    for run in results["runs"]:
+        if run.get("merged") and run["mode"] == "bs":
+            run["merged"]["auto"]["test_accuracy"] = run["test_accuracy"] - 0.01
+    assert "`none` merge exactly" in _findings(results) and "`bs` merge exactly" not in _findings(results)
+
+
+def test_findings_on_earlier_runs_compare_the_runs_they_share():
+    results = json.loads(RESULTS.read_text())
+    earlier = json.loads(EARLIER[0].read_text())
+    text = _findings(results, earlier=earlier)
+    assert "the 18 runs (6 configurations, every seed) it shares with this one give the same validation" in text
+    assert "that comparison measured step sizes, not methods" in text
+    now = {(r["mode"], r["lr"], r["seed"]) for r in results["runs"]}
+    shared = next(r for r in earlier["runs"] if (r["mode"], r["lr"], r["seed"]) in now)
+    shared["test_accuracy"] += 0.02  # a shared run that disagrees is reported as such
+    assert "give accuracies within 2.0 points" in _findings(results, earlier=earlier)
 
 
 def test_committed_results_are_a_full_run():
