@@ -106,7 +106,13 @@ def test_trainer_recipe_quick_saves_adapter_and_merges(tmp_path):
     assert results["mode"] == "ms" and len(results["loss"]) == results["steps"] == 3
     assert all(math.isfinite(v) for v in results["loss"])
     assert 0 <= results["test_accuracy"] <= 1 and 0 <= results["merged_auto_test_accuracy"] <= 1
-    assert results["adapter_files"] == ["head.safetensors", "reslora_adapter.safetensors", "reslora_config.json"]
+    assert results["adapter_files"] == ["reslora_adapter.safetensors", "reslora_config.json"]  # the head inside
+    # Trainer's checkpoints hold the adapter and the optimizer state, not the base model.
+    checkpoints = results["checkpoints"]
+    assert sorted(checkpoints) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]  # save_steps: steps // 2
+    for files in checkpoints.values():
+        assert {"reslora_adapter.safetensors", "reslora_config.json", "optimizer.pt"} <= set(files)
+        assert not [name for name in files if name.startswith(("model.", "pytorch_model"))]
     saved = json.loads((tmp_path / "adapter" / "reslora_config.json").read_text())
     assert saved["config"]["mode"] == "ms" and len(saved["blocks"]) == 36 and len(saved["chains"]) == 6
 
@@ -192,27 +198,21 @@ def test_committed_results_are_a_full_run():
     assert width > 1000 and height > 400
 
 
-def test_readme_trainer_lines_compile_and_name_the_public_api():
+def test_readme_trainer_and_trl_lines_compile_and_name_the_public_api():
     import reslora_kernels
+    import reslora_kernels.trainer
 
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### With transformers.Trainer") :]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    compile(code, "README.md", "exec")
-    imported = re.search(r"from reslora_kernels import (.*)", code).group(1)
-    for name in (n.strip() for n in imported.split(",")):
-        assert hasattr(reslora_kernels, name), name
-
-
-# ----------------------------------------------------------------------------- the helpers
-def test_stratified_split_is_exact_disjoint_and_proportional():
-    labels = [0] * 500 + [1] * 300 + [2] * 200
-    splits = tweets.stratified_split(labels, {"test": 101, "val": 50}, seed=3)
-    assert len(splits["test"]) == 101 and len(splits["val"]) == 50 and len(splits["train"]) == 849
-    assert set(splits["test"]).isdisjoint(splits["val"]) and set(splits["test"]).isdisjoint(splits["train"])
-    assert sorted(splits["test"] + splits["val"] + splits["train"]) == list(range(1000))
-    assert [labels[i] for i in splits["test"]].count(0) in (50, 51)
-    assert splits == tweets.stratified_split(labels, {"test": 101, "val": 50}, seed=3)
+    section = readme[readme.index("### Trainer and TRL") : readme.index("### Which layers")]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2  # the Trainer recipe and the TRL recipe
+    for code in blocks:
+        compile(code, "README.md", "exec")
+        for module, names in re.findall(r"from (reslora_kernels[\w.]*) import (.*)", code):
+            for name in (n.split("#")[0].strip() for n in names.split("#")[0].split(",")):
+                assert hasattr(sys.modules[module], name), f"{module}.{name}"
+    assert "ResLoRATrainer(" in blocks[0] and "resume_from_checkpoint=" in blocks[0]
+    assert "ref_model=AdapterDisabled(policy)" in blocks[1]
 
 
 def test_stratified_split_refuses_to_leave_no_training_data():
