@@ -13,6 +13,7 @@ finish before the deadline is skipped, and a failure never stops the stages afte
     probe        GPU, driver, CUDA, torch, Triton, SM count, commit
     kernels      one real autotuned launch of every op in reslora_kernels.ops on each launch path,
                  outputs NaN-poisoned, checked against the float64 formula with the tests' rules
+                 (the dequantization ops: bit for bit against the reference)
     sanitizer    compute-sanitizer memcheck over the same ops at small odd, aligned and
                  multi-rank-tile shapes (a subprocess of this script, RESLORA_TUNE=pinned)
     gpu_tests    pytest tests/backends/test_gpu.py -k bf16
@@ -330,7 +331,16 @@ KERNEL_SHAPES = {
 CASE_TIMEOUT_S = {"gpu": 150.0, "sanitize": 90.0, "dry": 60.0}
 #: Worker processes a stage may start: each one after the first replaces a worker that crashed.
 MAX_WORKERS = 4
-KERNEL_OPS = ("lora_down", "linear_lora_fwd", "lora_grad_out", "linear_lora_dx", "lora_grad_A", "fold_lora_")
+KERNEL_OPS = (
+    "lora_down",
+    "linear_lora_fwd",
+    "lora_grad_out",
+    "linear_lora_dx",
+    "lora_grad_A",
+    "fold_lora_",
+    "dequant_4bit",
+    "dequant_int8",
+)
 GEMM_OPS = ("linear_lora_fwd", "linear_lora_dx")
 
 
@@ -950,6 +960,64 @@ class _KernelChecks:
         # The fold launches once per call: the capture run above left `target` untouched, the
         # real run folded it once.
         record["rel_err"] = self.check(target, formula, "W")
+
+    def same_bits(self, out, ref, what):
+        """Bit for bit (the dequantization kernels reproduce their formula exactly)."""
+        torch = self.torch
+        as_int = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[out.dtype]
+        differ = int((out.to(self.ref_device).view(as_int) != ref.view(as_int)).sum())
+        if differ:
+            raise AssertionError(f"{what}: {differ} of {out.numel()} elements differ from the formula")
+
+    def _dequant_4bit(self, shape, full, plan, record):
+        """The weight [N, K] from random packed codes; full: double-quantized absmax."""
+        torch = self.torch
+        _, K, N, _ = shape
+        blocks = -(-N * K // 64)
+        packed = torch.randint(0, 256, ((N * K + 1) // 2,), dtype=torch.uint8, device=self.device)
+        code = torch.randn(16, device=self.device)
+        if full:
+            absmax = torch.randint(0, 256, (blocks,), dtype=torch.uint8, device=self.device)
+            nested = dict(
+                nested_absmax=torch.rand(-(-blocks // 256), device=self.device) + 0.5,
+                nested_code=torch.randn(256, device=self.device),
+                nested_offset=torch.tensor(0.25, device=self.device),
+            )
+        else:
+            absmax, nested = torch.rand(blocks, device=self.device) + 0.1, {}
+        out = self.launch(
+            lambda: self.ops.dequant_4bit(
+                packed, absmax, code, out=torch.empty(N, K, dtype=self.dtype, device=self.device), blocksize=64,
+                **nested,
+            ),
+            plan,
+            record,
+        )  # fmt: skip
+        ref = self.reference.dequant_4bit(
+            self.ref(packed), self.ref(absmax), self.ref(code), blocksize=64,
+            out=torch.empty(N, K, dtype=self.dtype, device=self.ref_device),
+            **{name: self.ref(t) for name, t in nested.items()},
+        )  # fmt: skip
+        self.same_bits(out, ref, "W")
+        record["rel_err"] = 0.0
+
+    def _dequant_int8(self, shape, full, plan, record):
+        torch = self.torch
+        _, K, N, _ = shape
+        weight_int8 = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=self.device)
+        row_absmax = torch.rand(N, device=self.device) * 2
+        out = self.launch(
+            lambda: self.ops.dequant_int8(
+                weight_int8, row_absmax, out=torch.empty(N, K, dtype=self.dtype, device=self.device)
+            ),
+            plan,
+            record,
+        )
+        ref = self.reference.dequant_int8(
+            self.ref(weight_int8), self.ref(row_absmax), out=torch.empty(N, K, dtype=self.dtype, device=self.ref_device)
+        )
+        self.same_bits(out, ref, "W")
+        record["rel_err"] = 0.0
 
 
 def _kernel_name(kernel) -> str:

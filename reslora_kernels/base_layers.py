@@ -2,10 +2,14 @@
 
 A block keeps its base layer as a submodule (``base_layer``) and runs its forward only while the
 adapter is disabled: otherwise it reads the base's weight as an ``[out, in]`` tensor and its bias,
-and computes ``x W^T + b`` itself beside the LoRA branch. Every kind of base is known here:
-``nn.Linear`` (weight ``[out, in]``) and transformers' ``Conv1D`` (GPT-2, weight ``[in, out]``: read
-as its transposed view, nothing copied).
-A leaf: only torch is imported (transformers is looked up, never imported).
+and computes ``x W^T + b`` itself beside the LoRA branch. Every kind of base is known here
+(:func:`base_kind`): ``nn.Linear`` (weight ``[out, in]``), transformers' ``Conv1D`` (GPT-2, weight
+``[in, out]``: read as its transposed view, nothing copied), and the quantized bitsandbytes
+``Linear4bit`` and ``Linear8bitLt``, whose weight is read by dequantizing it into a reusable buffer
+(``reslora_kernels.quant``). A ResLoRA layer composes the float kinds; the quantized kinds are known
+and readable, and refused as a layer's base with their description (:func:`base_problem`) until the
+layer dequantizes per call.
+Only torch and ``quant`` are imported (transformers and bitsandbytes are looked up, never imported).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import sys
 
 import torch
 import torch.nn as nn
+
+from .quant import dequantize, describe, quantized_kind, quantized_problem
 
 __all__: list[str] = []  # helpers of the model-level modules; nothing here is user-facing
 
@@ -31,6 +37,33 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+def base_kind(module: object) -> str | None:
+    """The kind of base layer ``module`` is: ``"Linear"``, ``"Conv1D"``, ``"Linear4bit"`` or
+    ``"Linear8bitLt"`` (the quantized kinds, subclasses included), else ``None``."""
+    quantized = quantized_kind(module)
+    if quantized is not None:
+        return quantized
+    if is_conv1d(module):
+        return "Conv1D"
+    return "Linear" if isinstance(module, nn.Linear) else None
+
+
+def is_quantized(module: object) -> bool:
+    """Whether ``module`` is a quantized base (bitsandbytes ``Linear4bit`` or ``Linear8bitLt``)."""
+    return quantized_kind(module) is not None
+
+
+def base_weight(base: nn.Module, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The base's weight as ``[out, in]``: the Parameter (a ``Conv1D``'s transposed view) of a
+    float base; a quantized base's weight dequantized into ``out`` (a reusable ``[out, in]`` buffer
+    in the compute dtype; a new tensor of the compute dtype without one)."""
+    if is_quantized(base):
+        return dequantize(base, out=out)
+    if out is not None:
+        raise ValueError(f"a {type(base).__name__} is read in place: out= is for quantized bases")
+    return base.weight.t() if is_conv1d(base) else base.weight
+
+
 def base_features(base: nn.Module) -> tuple[int, int]:
     """``(in, out)`` of a linear base layer."""
     if is_conv1d(base):
@@ -39,8 +72,17 @@ def base_features(base: nn.Module) -> tuple[int, int]:
 
 
 def base_problem(base: object) -> str | None:
-    """Why ``base`` cannot be a block's base layer (``None``: it can): the kinds above, with a
-    floating-point weight Parameter."""
+    """Why ``base`` cannot be a block's base layer (``None``: it can): the float kinds above, with a
+    floating-point weight Parameter. A quantized base is named with what it stores (or why it
+    cannot be read): the layer does not dequantize per call yet."""
+    if is_quantized(base):
+        problem = quantized_problem(base)
+        if problem is not None:
+            return f"a {type(base).__name__} that cannot be read: {problem}"
+        return (
+            f"a {type(base).__name__} ({describe(base)}): quantized bases are read by reslora_kernels.quant "
+            "but not composed by a ResLoRA layer"
+        )
     if not is_linear(base):
         return f"a {type(base).__name__}, not an nn.Linear or a transformers Conv1D"
     weight = base.weight
@@ -53,7 +95,10 @@ def base_problem(base: object) -> str | None:
 @torch.no_grad()
 def reset_base_parameters(base: nn.Module) -> None:
     """Re-initialise the base's weight and bias as its own constructor does (``nn.Linear``:
-    kaiming-uniform; ``Conv1D``: normal with std 0.02 and a zero bias)."""
+    kaiming-uniform; ``Conv1D``: normal with std 0.02 and a zero bias). A quantized base has no
+    float weight to re-initialise."""
+    if is_quantized(base):
+        raise TypeError(f"a quantized {type(base).__name__} cannot be re-initialised")
     if is_conv1d(base):
         nn.init.normal_(base.weight, std=0.02)
         nn.init.zeros_(base.bias)

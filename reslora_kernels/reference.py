@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["dropout_keep_mask", "squared_norm", "reslora_linear", "fold_lora_"]
+__all__ = ["dropout_keep_mask", "squared_norm", "reslora_linear", "fold_lora_", "dequant_4bit", "dequant_int8"]
 
 
 def squared_norm(t: torch.Tensor) -> torch.Tensor:
@@ -142,3 +142,46 @@ def fold_lora_(weight: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tensor,
     acc = torch.promote_types(weight.dtype, torch.float32)
     update = torch.addmm(weight.to(acc), lora_B.to(acc), lora_A.to(acc), alpha=coef)
     return weight.copy_(update)
+
+
+@torch.no_grad()
+def dequant_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    *,
+    out: torch.Tensor,
+    blocksize: int,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    nested_offset: torch.Tensor | None = None,
+    nested_blocksize: int = 256,
+) -> torch.Tensor:
+    """A 4-bit blockwise-quantized weight (bitsandbytes' NF4 / FP4 layout) decoded into ``out [N, K]``::
+
+        W[n, k] = code[q_e] * scale_{e // blocksize},   e = n K + k
+        q_e     = high nibble of packed[e // 2] for even e, low nibble for odd e
+        scale_b = absmax[b], or nested_code[absmax[b]] * nested_absmax[b // nested_blocksize] + nested_offset
+
+    in float32, rounded once to ``out``'s dtype. The oracle of :func:`reslora_kernels.ops.dequant_4bit`.
+    """
+    N, K = out.shape
+    element = torch.arange(N * K, device=out.device)
+    byte = packed.reshape(-1)[element // 2].to(torch.int64)
+    q = torch.where(element % 2 == 0, byte >> 4, byte & 15)
+    if nested_absmax is not None:
+        blocks = torch.arange(absmax.numel(), device=out.device)
+        scale = nested_code[absmax.to(torch.int64)] * nested_absmax[blocks // nested_blocksize]
+        scale = scale + nested_offset
+    else:
+        scale = absmax
+    return out.copy_((code[q] * scale[element // blocksize]).view(N, K))
+
+
+@torch.no_grad()
+def dequant_int8(weight_int8: torch.Tensor, row_absmax: torch.Tensor, *, out: torch.Tensor) -> torch.Tensor:
+    """A row-wise absmax int8 weight (LLM.int8) decoded into ``out``:
+    ``W = (q * row_absmax[:, None]) * float32(1/127)``, float32 products rounded in that order
+    (bitsandbytes' ``int8_vectorwise_dequant``), then once to ``out``'s dtype. The oracle of
+    :func:`reslora_kernels.ops.dequant_int8`."""
+    return out.copy_(weight_int8 * row_absmax.view(-1, 1) * 7.874015718698502e-3)

@@ -4,10 +4,13 @@ autograd Function composing these ops is ``reslora_kernels.fused``.
 
 Tensor names follow docs/design.md: ``x [M, K]`` the block input, ``x_prev`` the previous block's input
 (input-shortcut), ``weight [N, K]``, ``lora_A [R, K]``, ``lora_B [N, R]``, ``u [M, R]`` the rank-space
-activation multiplied by ``lora_B``, ``grad_out [M, N]``.
+activation multiplied by ``lora_B``, ``grad_out [M, N]``. The dequantization ops (``dequant_4bit``,
+``dequant_int8``) decode a quantized base weight into an ``[N, K]`` buffer for the GEMMs.
 """
 
 from ._target import A100, H100, INTERPRETED, Target, capture, simulate
+from .dequant_4bit import dequant_4bit
+from .dequant_int8 import dequant_int8
 from .dropout import dropout_keep_mask, seed_tensor
 from .fold import fold_lora_
 from .linear_lora_dx import linear_lora_dx
@@ -31,4 +34,6 @@ __all__ = [
     "linear_lora_dx",
     "lora_grad_A",
     "fold_lora_",
+    "dequant_4bit",
+    "dequant_int8",
 ]

@@ -100,6 +100,18 @@ FOLD_UNALIGNED = [
     (64, 128, 8, 2),
 ]
 
+# The dequantization of a quantized base weight (dequant_4bit, dequant_int8): (BLOCK_N, BLOCK_K,
+# warps, stages) over the [N, K] output. Pure streaming, no loop: wide rows keep the packed-byte
+# loads and the 16-bit stores vectorised. 16 to 32 elements per thread: at 64 the odd-K path (an
+# int64 index per element) and the bfloat16 rounding spill.
+DEQUANT = [
+    (16, 256, 4, 1),
+    (32, 256, 8, 1),
+    (8, 512, 4, 1),
+    (16, 512, 8, 1),
+    (8, 256, 4, 1),
+]
+
 #: The one config every kernel runs under the interpreter: tuning there would only cost minutes.
 INTERPRETER_BLOCK = 32
 

@@ -8,11 +8,32 @@ from .dropout import keep_mask
 
 
 @triton.jit
+def tile_offsets(offs_r, offs_c, stride_r, stride_c):
+    """The int64 offsets ``row * stride_r + col * stride_c`` of the ``[len(offs_r), len(offs_c)]``
+    tile at rows ``offs_r``, columns ``offs_c``: ``row * stride`` passes 2^31 elements in tensors of
+    4 GiB and more, and the compile matrix rejects any 32-bit product with a stride."""
+    return offs_r.to(tl.int64)[:, None] * stride_r + offs_c.to(tl.int64)[None, :] * stride_c
+
+
+@triton.jit
 def tile_ptrs(ptr, offs_r, offs_c, stride_r, stride_c):
-    """Pointers of the ``[len(offs_r), len(offs_c)]`` tile at rows ``offs_r``, columns ``offs_c``.
-    Offsets are int64: ``row * stride`` passes 2^31 elements in tensors of 4 GiB and more, and the
-    compile matrix rejects any 32-bit product with a stride."""
-    return ptr + offs_r.to(tl.int64)[:, None] * stride_r + offs_c.to(tl.int64)[None, :] * stride_c
+    """Pointers of the ``[len(offs_r), len(offs_c)]`` tile at rows ``offs_r``, columns ``offs_c``
+    (int64 offsets, :func:`tile_offsets`)."""
+    return ptr + tile_offsets(offs_r, offs_c, stride_r, stride_c)
+
+
+@triton.jit
+def rounded_for(values, ptr):
+    """float32 ``values`` rounded to nearest (ties to even) in the element type of ``ptr``.
+    bfloat16 is rounded in integer arithmetic (NaN kept a quiet NaN): Triton's interpreter truncates
+    a float32 -> bfloat16 cast where the GPU rounds, and a kernel whose output is proven bit-exact on
+    CPU must round the same way in both."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = values.to(tl.uint32, bitcast=True)
+        bits = bits + (0x7FFF + ((bits >> 16) & 1))
+        upper = tl.where(values != values, 0x7FC0, bits >> 16).to(tl.uint16)
+        return upper.to(tl.bfloat16, bitcast=True)
+    return values.to(ptr.dtype.element_ty)
 
 
 @triton.jit

@@ -139,11 +139,16 @@ def tune_mode() -> str:
     return _parse_tune(os.environ.get(TUNE_ENV))
 
 
+#: Compile options a launch may pass beside the kernel's arguments (``ops/dequant_4bit.py`` turns fp
+#: fusion off): they change the binary, so the pruner builds with them too.
+COMPILE_OPTIONS = ("enable_fp_fusion",)
+
+
 def _kernel_args(jit_fn, kwargs: dict) -> dict:
-    """The kernel's own arguments among a launch's keywords. Triton's autotuner hands its pruner
-    its launch keywords too (``grid``, ``warmup``, ...): passed on to ``warmup`` they would clash
-    with its own."""
-    return {name: value for name, value in kwargs.items() if name in jit_fn.arg_names}
+    """The kernel's own arguments and compile options among a launch's keywords. Triton's autotuner
+    hands its pruner its launch keywords too (``grid``, ``warmup``, ...): passed on to ``warmup``
+    they would clash with its own."""
+    return {name: value for name, value in kwargs.items() if name in jit_fn.arg_names or name in COMPILE_OPTIONS}
 
 
 def _build(jit_fn, config, args: dict):

@@ -139,7 +139,17 @@ def _seed(dropout: bool):
 
 
 def _scenarios() -> list[Scenario]:
-    from . import dropout_keep_mask, fold_lora_, linear_lora_dx, linear_lora_fwd, lora_down, lora_grad_A, lora_grad_out
+    from . import (
+        dequant_4bit,
+        dequant_int8,
+        dropout_keep_mask,
+        fold_lora_,
+        linear_lora_dx,
+        linear_lora_fwd,
+        lora_down,
+        lora_grad_A,
+        lora_grad_out,
+    )
 
     found = []
     for prev in (False, True):
@@ -210,6 +220,29 @@ def _scenarios() -> list[Scenario]:
         dropout_keep_mask((M, K), 0.1, _seed(True), "meta")
 
     found.append(Scenario("dropout_keep_mask", "", mask, dtype_independent=True))
+    for nested in (False, True):
+        for even_k in (False, True):
+
+            def dequant4(d, dt, nested=nested, even_k=even_k):
+                _, K, N, _ = d
+                K += not even_k  # an odd K: rows start mid-byte (the per-element path)
+                blocks, u8, f32 = -(-N * K // 64), torch.uint8, torch.float32
+                nested_args = dict(
+                    nested_absmax=_meta(-(-blocks // 256), dtype=f32), nested_code=_meta(256, dtype=f32),
+                    nested_offset=_meta((), dtype=f32),
+                ) if nested else {}  # fmt: skip
+                dequant_4bit(
+                    _meta((N * K + 1) // 2, dtype=u8), _meta(blocks, dtype=u8 if nested else f32), _meta(16, dtype=f32),
+                    out=_meta(N, K, dtype=dt), blocksize=64, **nested_args,
+                )  # fmt: skip
+
+            found.append(Scenario("dequant_4bit", f"nested={int(nested)} even_k={int(even_k)}", dequant4))
+
+    def dequant8(d, dt):
+        _, K, N, _ = d
+        dequant_int8(_meta(N, K, dtype=torch.int8), _meta(N, dtype=torch.float32), out=_meta(N, K, dtype=dt))
+
+    found.append(Scenario("dequant_int8", "", dequant8))
     return found
 
 

@@ -66,6 +66,8 @@ def test_every_kernel_and_config_is_built_for_both_targets(matrix):
         "_lora_grad_out_kernel": {"aligned": _configs.GRAD_OUT, "unaligned": _configs.GRAD_OUT_UNALIGNED},
         "_fold_kernel": {"aligned": _configs.FOLD, "unaligned": _configs.FOLD_UNALIGNED},
         "_dropout_mask_kernel": {"aligned": [None], "unaligned": [None]},
+        "_dequant_4bit_kernel": {"aligned": _configs.DEQUANT, "unaligned": _configs.DEQUANT},
+        "_dequant_int8_kernel": {"aligned": _configs.DEQUANT, "unaligned": _configs.DEQUANT},
     }
     hopper = {"_linear_lora_fwd_tma_kernel", "_linear_lora_dx_tma_kernel"}
     pointer_gemms = {"_linear_lora_fwd_kernel", "_linear_lora_dx_kernel"}

@@ -9,7 +9,14 @@ import importlib
 
 import pytest
 import torch
-from helpers import KERNEL_DEVICE, KERNEL_DTYPES, assert_lowp_close, assert_maxabs_close, rel_err
+from helpers import (
+    KERNEL_DEVICE,
+    KERNEL_DTYPES,
+    assert_fp32_bounded,
+    assert_lowp_close,
+    assert_maxabs_close,
+    rel_err,
+)
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
@@ -90,12 +97,12 @@ def test_lora_down(dtype, shape, shortcut, p):
     )
     mask = keep((M, K), p, 11)
 
-    def formula(dt):
-        cast = lambda t: None if t is None else t.to(dt)
+    def formula(dt, absolute=False):
+        cast = lambda t: None if t is None else (t.abs() if absolute else t).to(dt)
         return lora_input(cast(x), cast(x_prev), input_scale, mask, p) @ cast(A).T
 
     assert z.dtype == dtype and z.shape == (M, R)
-    assert_lowp_close(z, formula(torch.float64), formula(dtype), "z")
+    assert_lowp_close(z, formula(torch.float64), formula(dtype), "z", formula(torch.float64, True), depth=K + 4)
     assert rel_err(sqnorm, x.double().square().sum()) < 1e-5
 
 
@@ -109,11 +116,12 @@ def test_linear_lora_fwd(dtype, shape, bias):
     u, B = rand(M, R, dtype=dtype), rand(N, R, dtype=dtype, scale=0.2)
     y = ops.linear_lora_fwd(strided(x), W, b, u, B, 1.5)
 
-    def formula(dt):
-        out = x.to(dt) @ W.to(dt).T + 1.5 * (u.to(dt) @ B.to(dt).T)
-        return out + b.to(dt) if bias else out
+    def formula(dt, absolute=False):
+        cast = lambda t: (t.abs() if absolute else t).to(dt)
+        out = cast(x) @ cast(W).T + 1.5 * (cast(u) @ cast(B).T)
+        return out + cast(b) if bias else out
 
-    assert_lowp_close(y, formula(torch.float64), formula(dtype), "y")
+    assert_lowp_close(y, formula(torch.float64), formula(dtype), "y", formula(torch.float64, True), depth=K + R + 3)
 
 
 @pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
@@ -125,8 +133,9 @@ def test_lora_grad_out(dtype, shape, det):
     with deterministic(det):
         g, dB = ops.lora_grad_out(strided(grad_out), B, u, 0.5)
     assert g.dtype == torch.float32 and dB.dtype == dtype
-    assert_lowp_close(g, 0.5 * grad_out.double() @ B.double(), (0.5 * grad_out @ B), "g")
-    assert_lowp_close(dB, 0.5 * grad_out.double().T @ u.double(), (0.5 * grad_out.T @ u), "dB")
+    go64, B64, u64 = grad_out.double(), B.double(), u.double()
+    assert_lowp_close(g, 0.5 * go64 @ B64, (0.5 * grad_out @ B), "g", 0.5 * go64.abs() @ B64.abs(), depth=N + 2)
+    assert_lowp_close(dB, 0.5 * go64.T @ u64, (0.5 * grad_out.T @ u), "dB", 0.5 * go64.abs().T @ u64.abs(), depth=M + 2)
 
 
 @pytest.mark.parametrize("p", DROPOUT)
@@ -142,12 +151,14 @@ def test_linear_lora_dx(dtype, shape, input_scale, p):
     )
     mask = keep((M, K), p, 3)
 
-    def v(dt):
-        return (g.to(dt) @ A.to(dt)) * input_scale * mask / (1 - p)
+    def v(dt, absolute=False):
+        cast = lambda t: (t.abs() if absolute else t).to(dt)
+        return (cast(g) @ cast(A)) * input_scale * mask / (1 - p)
 
-    assert_lowp_close(dx_prev, v(torch.float64), v(dtype), "dx_prev")
+    assert_lowp_close(dx_prev, v(torch.float64), v(dtype), "dx_prev", v(torch.float64, True), depth=R + 4)
     dx_ref = grad_out.double() @ W.double() + v(torch.float64)
-    assert_lowp_close(dx, dx_ref, grad_out @ W + v(dtype), "dx")
+    dx_magnitude = grad_out.double().abs() @ W.double().abs() + v(torch.float64, True)
+    assert_lowp_close(dx, dx_ref, grad_out @ W + v(dtype), "dx", dx_magnitude, depth=N + R + 5)
     dx_only, none = ops.linear_lora_dx(grad_out, W, g, A, input_scale=input_scale, dropout_p=p, dropout_seed=seed(3))
     assert none is None and torch.equal(dx_only, dx)
 
@@ -165,12 +176,12 @@ def test_lora_grad_A(dtype, shape, has_prev, p, det):
         dA = ops.lora_grad_A(g, strided(x), x_prev, input_scale=1.0, dropout_p=p, dropout_seed=seed(5))
     mask = keep((M, K), p, 5)
 
-    def formula(dt):
-        cast = lambda t: None if t is None else t.to(dt)
-        return g.to(dt).T @ lora_input(cast(x), cast(x_prev), 1.0, mask, p)
+    def formula(dt, absolute=False):
+        cast = lambda t: None if t is None else (t.abs() if absolute else t).to(dt)
+        return cast(g).T @ lora_input(cast(x), cast(x_prev), 1.0, mask, p)
 
     assert dA.dtype == dtype
-    assert_lowp_close(dA, formula(torch.float64), formula(dtype), "dA")
+    assert_lowp_close(dA, formula(torch.float64), formula(dtype), "dA", formula(torch.float64, True), depth=M + 4)
 
 
 def test_empty_batch():
@@ -279,17 +290,23 @@ def test_hopper_tma_kernels_in_the_interpreter(dtype, shape):
             grad_out, W, g, A, input_scale=2.0, dropout_p=0.3, dropout_seed=seed(9), store_prev=True
         )
 
-    def y_formula(dt):
-        return x.to(dt) @ W.to(dt).T + 1.5 * (u.to(dt) @ B.to(dt).T) + b.to(dt)
+    def y_formula(dt, absolute=False):
+        cast = lambda t: (t.abs() if absolute else t).to(dt)
+        return cast(x) @ cast(W).T + 1.5 * (cast(u) @ cast(B).T) + cast(b)
 
     mask = keep((M, K), 0.3, 9)
 
-    def v(dt):
-        return (g.to(dt) @ A.to(dt)) * 2.0 * mask / 0.7
+    def v(dt, absolute=False):
+        cast = lambda t: (t.abs() if absolute else t).to(dt)
+        return (cast(g) @ cast(A)) * 2.0 * mask / 0.7
 
-    assert_lowp_close(y, y_formula(torch.float64), y_formula(dtype), "y")
-    assert_lowp_close(dx_prev, v(torch.float64), v(dtype), "dx_prev")
-    assert_lowp_close(dx, grad_out.double() @ W.double() + v(torch.float64), grad_out @ W + v(dtype), "dx")
+    f64 = torch.float64
+    assert_lowp_close(y, y_formula(f64), y_formula(dtype), "y", y_formula(f64, True), depth=K + R + 3)
+    assert_lowp_close(dx_prev, v(f64), v(dtype), "dx_prev", v(f64, True), depth=R + 4)
+    dx_magnitude = grad_out.double().abs() @ W.double().abs() + v(f64, True)
+    assert_lowp_close(
+        dx, grad_out.double() @ W.double() + v(f64), grad_out @ W + v(dtype), "dx", dx_magnitude, depth=N + R + 5
+    )
 
 
 @triton.jit
@@ -382,3 +399,30 @@ def test_maxabs_rule_catches_one_wrong_tile():
     with pytest.raises(AssertionError, match="max abs err"):
         assert_maxabs_close(out, ref64, torch_half, "y")
     assert_maxabs_close(torch_half, ref64, torch_half, "y")
+
+
+def test_fp32_rule_does_not_depend_on_the_machine_and_catches_one_wrong_element():
+    """float32's elementwise rule bounds the error a priori (gamma_K |x| |A|): every summation
+    order passes it, at any thread count, and a single element off by three times its bound fails
+    it while the normwise rule still passes."""
+    torch.manual_seed(0)
+    x, A = torch.randn(2048, 256, dtype=torch.float64), 0.2 * torch.randn(16, 256, dtype=torch.float64)
+    ref64, magnitude = x @ A.T, x.abs() @ A.abs().T
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert_fp32_bounded(x.float() @ A.float().T, ref64, magnitude, depth=256, what="z")
+    finally:
+        torch.set_num_threads(before)
+    # Summed one product at a time, from the last k down: the worst order for rounding.
+    backwards = torch.zeros(2048, 16)
+    for k in reversed(range(256)):
+        backwards += x[:, k : k + 1].float() * A[:, k].float()
+    assert_fp32_bounded(backwards, ref64, magnitude, depth=256, what="z")
+    out = (x.float() @ A.float().T).clone()
+    slack = 2 * (256 * 2.0**-24) * magnitude[7, 3] + 2 * (ref64.float().double() - ref64).abs().max()
+    out[7, 3] += 3 * float(slack)
+    assert rel_err(out, ref64) < 1e-5
+    with pytest.raises(AssertionError, match="exceeds the a-priori bound"):
+        assert_fp32_bounded(out, ref64, magnitude, depth=256, what="z")

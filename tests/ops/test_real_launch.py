@@ -28,7 +28,11 @@ ROOT = Path(__file__).resolve().parents[2]
 GROUPS = {
     "sm_90a chains": ["tests/ops/real_launch/test_layer_launch.py", "-k", "sm_90a"],
     "sm_80 chains": ["tests/ops/real_launch/test_layer_launch.py", "-k", "sm_80"],
-    "driver and tuning": ["tests/ops/real_launch/test_fake_driver.py", "tests/ops/real_launch/test_tuning.py"],
+    "driver and tuning": [
+        "tests/ops/real_launch/test_fake_driver.py",
+        "tests/ops/real_launch/test_tuning.py",
+        "tests/ops/real_launch/test_dequant_launch.py",
+    ],
 }
 
 
