@@ -1,12 +1,16 @@
 """Build script: everything but the optional CUDA extension is declared in pyproject.toml.
 
-The CUDA C++ fold kernel (csrc/) is built as ``reslora_kernels._C`` only where it can be:
-torch with CUDA importable in the build environment and nvcc found. ``RESLORA_BUILD_CUDA``
+The CUDA C++ fold kernel (csrc/) is built as ``reslora_kernels/_C*.so`` only where it can be:
+torch with CUDA importable in the build environment and nvcc found. It is a plain shared library
+that registers ``torch.ops.reslora_kernels.fold_lora_`` with PyTorch's dispatcher
+(``TORCH_LIBRARY``), not a Python module: ``reslora_kernels.fold`` loads it with
+``torch.ops.load_library`` on first use. ``RESLORA_BUILD_CUDA``
 decides: ``auto`` (default) builds when possible and says why not otherwise, ``1`` requires the
 build (an error if impossible), ``0`` skips it. An isolated build (plain ``pip install .``)
 never sees torch, so it installs the pure-Python package; build the extension with
 ``RESLORA_BUILD_CUDA=1 pip install --no-build-isolation .``. The package works without it and
-``reslora_kernels.fold_report()`` says which fold implementation runs.
+``reslora_kernels.fold_report()`` says which fold implementation runs, and why the CUDA kernel does
+not where it does not.
 """
 
 import os

@@ -262,7 +262,7 @@ class _Wrap(nn.Module):
         return self.proj(x)
 
 
-#: RESLORA_BACKEND of each ResLoRA variant ("auto" is what a user gets by default).
+#: The backend of each ResLoRA variant ("auto" is what a user gets by default).
 BACKEND_OF = {"reference": "reference", "composed": "composed", "fused": "fused", "auto": "auto"}
 
 
@@ -332,7 +332,7 @@ def compiled_reference(backend="inductor"):
 class LayerCase:
     """One benchmark case: ``step()`` is what is timed (one forward, plus a backward with a
     fixed ``grad_out`` when ``backward``); ``prepare()`` runs untimed before it (clears the
-    gradients, sets RESLORA_BACKEND); ``forward``, ``leaves`` and ``alive`` serve the checks
+    gradients, sets the backend); ``forward``, ``leaves`` and ``alive`` serve the checks
     and the saved-bytes count."""
 
     step: Callable[[], object]
@@ -367,12 +367,12 @@ def layer_case(
     x = torch.randn(M, K, **factory, requires_grad=backward)
     grad_out = torch.randn(M, N, **factory)
 
-    def make(forward, leaves, alive, env=None):
+    def make(forward, leaves, alive, backend=None):
         def prepare():
             for t in leaves:
                 t.grad = None
-            if env is not None:
-                os.environ["RESLORA_BACKEND"] = env
+            if backend is not None:
+                reslora_kernels.set_backend(backend)
 
         if backward:
 

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import reslora_kernels
 import torch
 from bench_lib import DEVICE, IS_CUDA, PlainBenchmark, Results
 
@@ -30,12 +31,9 @@ def pytest_report_header(config):
 @pytest.fixture(autouse=True)
 def _isolate():
     torch.manual_seed(0)
-    # The variants set RESLORA_BACKEND themselves; the caller's value comes back afterwards.
-    saved = os.environ.pop("RESLORA_BACKEND", None)
+    # The variants set their backend themselves; the default (RESLORA_BACKEND at import) comes back afterwards.
     yield
-    os.environ.pop("RESLORA_BACKEND", None)
-    if saved is not None:
-        os.environ["RESLORA_BACKEND"] = saved
+    reslora_kernels.set_backend(None)
     if IS_CUDA:
         torch.cuda.empty_cache()
 

@@ -345,7 +345,7 @@ GEMM_OPS = ("linear_lora_fwd", "linear_lora_dx")
 
 
 def other_plan(device_is_cpu: bool, hopper: bool) -> str | None:
-    """The launch path a device does not take by itself, planned with ``ops.simulate``: a Hopper
+    """The launch path a device does not take by itself, planned with ``_target.simulate``: a Hopper
     also runs the pointer GEMMs (planned as an A100); the interpreter runs the TMA GEMMs (planned
     as an H100). Other GPUs compile only their own path."""
     if device_is_cpu:
@@ -766,6 +766,7 @@ class _KernelChecks:
         import torch
 
         from reslora_kernels import ops, reference
+        from reslora_kernels.ops import _target
 
         # The tests' tolerance rules: tests/helpers.py, which imports tests/oracle.py beside it.
         sys.path.insert(0, str(ROOT / "tests"))
@@ -780,7 +781,7 @@ class _KernelChecks:
         # Under the sanitizer: formulas on the CPU, so that only the kernels and a few copies run
         # on the device (each cuBLAS module loaded would be instrumented too).
         self.ref_device = "cpu" if scale == "sanitize" else self.device
-        self.targets = {"A100": ops.A100, "H100": ops.H100}
+        self.targets = {"A100": _target.A100, "H100": _target.H100}
 
     def rand(self, *shape, scale=1.0, dtype=None):
         t = self.torch.randn(*shape, device=self.device, dtype=self.torch.float64) * scale
@@ -808,12 +809,14 @@ class _KernelChecks:
             torch.empty, torch.empty_like = empty, empty_like
 
     def launch(self, fn, plan: str | None, record: dict, deterministic: bool = False):
-        """``fn()`` once under ``ops.capture`` (which kernels the launchers pick), then for real,
+        """``fn()`` once under ``_target.capture`` (which kernels the launchers pick), then for real,
         poisoned and synchronised; records the kernels and the configs the autotuner chose."""
-        ops, torch = self.ops, self.torch
-        simulated = ops.simulate(self.targets[plan]) if plan else contextlib.nullcontext()
+        from reslora_kernels.ops import _target
+
+        torch = self.torch
+        simulated = _target.simulate(self.targets[plan]) if plan else contextlib.nullcontext()
         with simulated:
-            with ops.capture() as launches:
+            with _target.capture() as launches:
                 fn()
             before = torch.are_deterministic_algorithms_enabled()
             torch.use_deterministic_algorithms(deterministic)

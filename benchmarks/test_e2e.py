@@ -28,7 +28,7 @@ from bench_lib import (
     selected_variants,
 )
 
-from reslora_kernels import ResLoRAConfig, apply_reslora
+from reslora_kernels import ResLoRAConfig, apply_reslora, set_backend
 
 transformers = pytest.importorskip("transformers")
 
@@ -101,7 +101,7 @@ class Step:
         self.alive = list(model.parameters()) + list(model.buffers())
 
     def prepare(self):
-        os.environ["RESLORA_BACKEND"] = self.backend
+        set_backend(self.backend)
 
     def loss(self):
         return self.model(input_ids=self.ids, labels=self.ids).loss

@@ -5,7 +5,7 @@ import pytest
 import torch
 from bench_lib import DEVICE, IS_CUDA, Interleaved, run_rounds
 
-from reslora_kernels import functional, reference
+from reslora_kernels import fold, reference
 
 N, K, RANK = (4096, 11008, 16) if IS_CUDA else (1024, 2752, 16)
 DTYPE = torch.bfloat16 if IS_CUDA else torch.float32
@@ -22,10 +22,10 @@ def fold_fn(variant, W, B, A):
 
         return lambda: ops.fold_lora_(W, B, A, 1e-6)
     if variant == "cuda extension":
-        extension, reason = functional._cuda_extension()
-        if not IS_CUDA or extension is None:
-            return f"CUDA extension {reason}" if IS_CUDA else "GPU only: CUDA tensors"
-        return lambda: extension.fold_lora_(W, B, A, 1e-6)
+        problem = fold.cuda_library_problem()
+        if not IS_CUDA or problem is not None:
+            return f"CUDA C++ kernel {problem}" if IS_CUDA else "GPU only: CUDA tensors"
+        return lambda: torch.ops.reslora_kernels.fold_lora_(W, B, A, 1e-6)
     if variant == "reference (fp32 accumulate)":
         return lambda: reference.fold_lora_(W, B, A, 1e-6)
     if variant == "torch addmm_":

@@ -1,9 +1,14 @@
-// Torch binding of the CUDA fold: reslora_kernels._C.fold_lora_(weight, lora_B, lora_A, coef).
-// Checks every input before the launch and runs on the current CUDA stream.
+// The CUDA fold registered with PyTorch's dispatcher:
+//   torch.ops.reslora_kernels.fold_lora_(weight, lora_B, lora_A, coef)  ->  weight += coef * lora_B @ lora_A
+// The schema is defined here with TORCH_LIBRARY_FRAGMENT (the Python side defines its own ops in the same
+// namespace) and the kernel is registered for CUDA tensors only. The library is a plain shared object, no
+// Python module: reslora_kernels/fold.py loads it with torch.ops.load_library on first use. Every input is
+// checked before the launch, which runs on the current CUDA stream.
 
-#include <c10/cuda/CUDAStream.h>
+#include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/extension.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
 
 #include "fold_kernel.cuh"
 
@@ -20,7 +25,7 @@ void launch(at::Tensor& weight, const at::Tensor& lora_B, const at::Tensor& lora
   TORCH_CHECK(err == cudaSuccess, "reslora fold kernel launch failed: ", cudaGetErrorString(err));
 }
 
-at::Tensor fold_lora_(at::Tensor weight, at::Tensor lora_B, at::Tensor lora_A, double coef) {
+at::Tensor& fold_lora_(at::Tensor& weight, const at::Tensor& lora_B, const at::Tensor& lora_A, double coef) {
   TORCH_CHECK(weight.is_cuda() && lora_B.is_cuda() && lora_A.is_cuda(), "fold_lora_: all tensors must be on CUDA");
   TORCH_CHECK(weight.device() == lora_B.device() && weight.device() == lora_A.device(),
               "fold_lora_: all tensors must be on one device");
@@ -31,8 +36,8 @@ at::Tensor fold_lora_(at::Tensor weight, at::Tensor lora_B, at::Tensor lora_A, d
   TORCH_CHECK(lora_B.scalar_type() == weight.scalar_type() && lora_A.scalar_type() == weight.scalar_type(),
               "fold_lora_: dtypes differ");
   TORCH_CHECK(weight.stride(1) == 1, "fold_lora_: weight needs unit column stride");
-  at::Tensor b = lora_B.stride(1) == 1 ? lora_B : lora_B.contiguous();
-  at::Tensor a = lora_A.stride(1) == 1 ? lora_A : lora_A.contiguous();
+  const at::Tensor b = lora_B.stride(1) == 1 ? lora_B : lora_B.contiguous();
+  const at::Tensor a = lora_A.stride(1) == 1 ? lora_A : lora_A.contiguous();
   const c10::cuda::CUDAGuard guard(weight.device());
   switch (weight.scalar_type()) {
     case at::kFloat: launch<float, float>(weight, b, a, coef); break;
@@ -45,7 +50,9 @@ at::Tensor fold_lora_(at::Tensor weight, at::Tensor lora_B, at::Tensor lora_A, d
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("fold_lora_", &fold_lora_, "In place weight += coef * lora_B @ lora_A (float32 accumulation)",
-        py::arg("weight"), py::arg("lora_B"), py::arg("lora_A"), py::arg("coef"));
+// The schema's argument names are the Python call's (reslora_kernels/fold.py); tests/test_fold.py parses it.
+TORCH_LIBRARY_FRAGMENT(reslora_kernels, m) {
+  m.def("fold_lora_(Tensor(a!) weight, Tensor lora_B, Tensor lora_A, float coef) -> Tensor(a!)");
 }
+
+TORCH_LIBRARY_IMPL(reslora_kernels, CUDA, m) { m.impl("fold_lora_", &fold_lora_); }

@@ -1,12 +1,14 @@
 """reslora_kernels: fused ResLoRA (residual LoRA) training, merging and export for PyTorch."""
 
 from .apply import apply_reslora, unload
-from .backend import FusedBackendFailure, backend_choices, backend_report
+from .autotune import FusedBackendFailure
+from .backend import backend_choices, backend_report, resolve_backend, set_backend, use_backend
 from .chain import ResLoRAChain, link_chain
 from .chaining import chain_key
 from .config import MODES, TASK_TYPES, BlockSettings, ResLoRAConfig
 from .disable import AdapterDisabled, disable_adapter
-from .functional import fold_lora_, fold_report, reslora_linear, resolve_backend
+from .fold import fold_lora_, fold_report
+from .functional import reslora_linear
 from .io import export_peft_adapter, load_reslora, save_reslora
 from .layer import FusedResLoRALinear
 from .merge_methods import MERGE_METHODS
@@ -56,6 +58,8 @@ __all__ = [
     "loraplus_param_groups",
     "reslora_linear",
     "resolve_backend",
+    "set_backend",
+    "use_backend",
     "backend_report",
     "backend_choices",
     "FusedBackendFailure",

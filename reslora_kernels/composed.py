@@ -34,7 +34,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .reference import COLUMN_SALT, _int32, dropout_keep_mask, mix32, squared_norm
+from .dropout_mask import dropout_keep_mask, keep_values_cpu
+from .reference import squared_norm
 
 __all__ = ["ComposedResLoRAFunction", "composed_reslora_linear"]
 
@@ -55,17 +56,15 @@ def _shaped(t: torch.Tensor, lead: torch.Size) -> torch.Tensor:
 #: Rows of the CPU mask are hashed in blocks of this many int32 bytes: the hash's ~15 passes then
 #: stay in cache (3.8x faster than whole-tensor passes at [2048, 688] on this project's CPU).
 MASK_BLOCK_BYTES = 1 << 20
-#: XORing the sign bit maps uint32 order onto int32 order: (h >>> 1) >= t  <=>  h ^ INT_MIN >= 2t - 2^31.
-_SIGN_BIT = -(2**31)
 
 
 @functools.lru_cache(maxsize=None)
 def _device_mask_kernel():
     """The Triton launcher that writes the mask in one kernel
-    (:func:`reslora_kernels.ops.dropout.dropout_keep_values`), or ``None`` where Triton cannot be
+    (:func:`reslora_kernels.ops.dropout_kernel.dropout_keep_values`), or ``None`` where Triton cannot be
     imported (the mask then comes from the torch definition: the same bits, more passes)."""
     try:
-        from .ops.dropout import dropout_keep_values
+        from .ops.dropout_kernel import dropout_keep_values
     except ImportError:
         return None
     return dropout_keep_values
@@ -73,7 +72,7 @@ def _device_mask_kernel():
 
 def _keep(x2: torch.Tensor, p: float, seed) -> torch.Tensor:
     """The 0/1 keep-mask of the ``[M, K]`` LoRA input in ``x2``'s dtype (exact in every dtype):
-    :func:`reslora_kernels.reference.dropout_keep_mask`, bit for bit (tested). On CPU it is hashed
+    :func:`reslora_kernels.dropout_mask.dropout_keep_mask`, bit for bit (tested). On CPU it is hashed
     block by block of rows so that its passes stay in cache; on a GPU one Triton kernel writes it
     (the torch definition is a chain of about fifteen elementwise int32 passes, ~136 bytes of
     memory traffic per element)."""
@@ -86,27 +85,7 @@ def _keep(x2: torch.Tensor, p: float, seed) -> torch.Tensor:
         if write is None:
             return dropout_keep_mask(x2.shape, p, seed, x2.device).to(x2.dtype)
         return write(x2.shape[0], x2.shape[1], p, seed, x2)
-    return _keep_cpu(x2, p, seed)
-
-
-def _keep_cpu(x2: torch.Tensor, p: float, seed) -> torch.Tensor:
-    """:func:`_keep` on CPU: the torch definition, block by block of rows."""
-    rows, cols = x2.shape
-    keep = torch.empty((rows, cols), dtype=x2.dtype)
-    if keep.numel() == 0:
-        return keep
-    seed = (seed if isinstance(seed, torch.Tensor) else torch.tensor(int(seed))).to(torch.int32)
-    row_key = mix32(torch.arange(rows, dtype=torch.int32) ^ mix32(seed))
-    col_key = mix32(torch.arange(cols, dtype=torch.int32) ^ mix32(seed ^ _int32(COLUMN_SALT)))
-    threshold = 2 * min(int(p * 2**31), 2**31 - 1) + _SIGN_BIT
-    step = max(1, MASK_BLOCK_BYTES // (4 * cols))
-    block = torch.empty((min(step, rows), cols), dtype=torch.int32)
-    for start in range(0, rows, step):
-        n = min(step, rows - start)
-        torch.bitwise_xor(row_key[start : start + n, None], col_key[None, :], out=block[:n])
-        draw = mix32(block[:n]).bitwise_xor_(_SIGN_BIT).ge_(threshold)  # 0/1 in int32
-        keep[start : start + n].copy_(draw)
-    return keep
+    return keep_values_cpu(x2.shape[0], x2.shape[1], p, seed, x2.dtype, MASK_BLOCK_BYTES)
 
 
 def _lora_input(x2: torch.Tensor, x_prev2: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor:

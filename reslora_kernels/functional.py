@@ -1,34 +1,28 @@
-"""The functional ResLoRA op: input checks, then dispatch to the backend ``RESLORA_BACKEND``
-selects (``auto``, ``reference``, ``composed`` or ``fused``; see :mod:`reslora_kernels.backend`).
+"""The functional ResLoRA op: check, cast, call. Inputs are checked (shapes, dtypes, devices)
+before anything runs, cast to the autocast dtype where autocast is on (as ``nn.Linear`` does), and
+handed to the op :mod:`reslora_kernels.backend` selects.
 """
 
 from __future__ import annotations
 
-import functools
 from contextlib import nullcontext
 
 import torch
 
-from . import backend, reference
+from . import backend
 
 __all__ = [
-    "BACKEND_ENV",
-    "BACKENDS",
-    "resolve_backend",
     "check_inputs",
     "check_shortcuts",
+    "autocast_dtype",
+    "cast_to",
     "draw_dropout_seed",
     "reslora_linear",
-    "fold_backend",
-    "fold_report",
-    "fold_lora_",
+    "call",
 ]
 
-# The switch lives in backend.py; these names stay importable from here.
-BACKEND_ENV = backend.BACKEND_ENV
-BACKENDS = backend.BACKENDS
-resolve_backend = backend.resolve_backend
-requested_backend = backend.requested_backend
+
+_NO_CONTEXT = nullcontext()
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -164,7 +158,7 @@ def reslora_linear(
     dropout_seed: int | None = None,
     compute_x_sqnorm: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One ResLoRA block on the backend ``RESLORA_BACKEND`` selects::
+    """One ResLoRA block on the selected backend (:func:`reslora_kernels.backend.requested_backend`)::
 
         z = drop(x [+ x_prev]) A^T;   y = x W^T + b + s * (z [+ z_prev]) B^T
 
@@ -175,8 +169,12 @@ def reslora_linear(
     check_inputs(
         x, weight, bias, lora_A, lora_B, x_prev=x_prev, z_prev=z_prev, dropout_p=dropout_p, compute_dtype=dtype
     )
-    x, weight, bias, lora_A, lora_B, x_prev, z_prev = cast_to(dtype, x, weight, bias, lora_A, lora_B, x_prev, z_prev)
-    return run_reslora_linear(
+    resolved = backend.resolve_backend(x)
+    if dtype is not None:
+        x, weight, bias, lora_A, lora_B, x_prev, z_prev = cast_to(dtype, x, weight, bias, lora_A, lora_B, x_prev,
+                                                                  z_prev)  # fmt: skip
+    return call(
+        resolved,
         x,
         weight,
         bias,
@@ -188,10 +186,12 @@ def reslora_linear(
         dropout_p=dropout_p,
         dropout_seed=dropout_seed,
         compute_x_sqnorm=compute_x_sqnorm,
+        autocast=dtype is not None,
     )
 
 
-def run_reslora_linear(
+def call(
+    resolved: str,
     x,
     weight,
     bias,
@@ -204,9 +204,12 @@ def run_reslora_linear(
     dropout_p=0.0,
     dropout_seed=None,
     compute_x_sqnorm=False,
+    autocast=False,
 ):
-    """:func:`reslora_linear` on inputs already checked and cast (the layer checks them in two
-    steps). Runs with autocast off: the inputs are in their compute dtype already."""
+    """:func:`reslora_linear` on inputs already checked and cast, on backend ``resolved`` (what
+    :func:`reslora_kernels.backend.resolve_backend` said for ``x``: the layer resolves it before
+    its chain is touched). With ``autocast`` the op runs with autocast off: its inputs are in the
+    compute dtype already, and autocast inside it would recast its matmuls."""
     if dropout_p > 0.0 and dropout_seed is None:
         dropout_seed = draw_dropout_seed(x.device)
     impl = backend.select(
@@ -219,10 +222,9 @@ def run_reslora_linear(
         z_prev=z_prev,
         dropout_p=dropout_p,
         compute_x_sqnorm=compute_x_sqnorm,
+        resolved=resolved,
     )
-    # The op's inputs are cast already; autocast inside it would recast its matmuls.
-    context = torch.autocast(x.device.type, enabled=False) if autocast_dtype(x) is not None else nullcontext()
-    with context:
+    with torch.autocast(x.device.type, enabled=False) if autocast else _NO_CONTEXT:
         return impl(
             x,
             weight,
@@ -236,68 +238,3 @@ def run_reslora_linear(
             dropout_seed=dropout_seed,
             compute_x_sqnorm=compute_x_sqnorm,
         )
-
-
-# ---------------------------------------------------------------------------- the merge fold
-@functools.lru_cache(maxsize=None)
-def _cuda_extension():
-    """``(module, None)`` when the optional CUDA extension was built, else ``(None, reason)``."""
-    import importlib.util
-
-    if importlib.util.find_spec(f"{__package__}._C") is None:
-        return None, "not built (see setup.py: RESLORA_BUILD_CUDA)"
-    try:
-        from . import _C
-    except ImportError as err:  # built, but e.g. against another torch
-        return None, f"failed to load ({err})"
-    return _C, None
-
-
-def fold_backend(weight: torch.Tensor) -> str:
-    """``"cuda"`` (the CUDA C++ extension), ``"triton"`` or ``"torch"``: which fold runs for
-    ``weight``. ``auto`` prefers the CUDA extension on CUDA tensors when it was built; the
-    reference and the composed path fold with torch's addmm."""
-    block_backend = resolve_backend(weight)
-    if block_backend in ("reference", "composed"):
-        return "torch"
-    if block_backend == "auto" and _cuda_extension()[0] is not None:
-        return "cuda"
-    return "triton"
-
-
-def fold_report() -> str:
-    """One line naming the fold implementation CUDA tensors get under the current settings."""
-    extension, reason = _cuda_extension()
-    if extension is not None:
-        return "fold on CUDA tensors: CUDA C++ extension (reslora_kernels._C)"
-    if backend.fused_import_error() is None:
-        return f"fold on CUDA tensors: Triton (CUDA extension {reason})"
-    return f"fold on CUDA tensors: PyTorch reference (no Triton, CUDA extension {reason})"
-
-
-@torch.no_grad()
-def fold_lora_(weight: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tensor, coef: float) -> torch.Tensor:
-    """In place ``weight += coef * lora_B @ lora_A`` with float32 accumulation, on the fastest
-    implementation available for ``weight``'s device (see :func:`fold_backend`)."""
-    if weight.dim() != 2 or lora_B.dim() != 2 or lora_A.dim() != 2:
-        raise ValueError("fold_lora_ needs 2-D weight [N, K], lora_B [N, R] and lora_A [R, K]")
-    N, K = weight.shape
-    R = lora_A.shape[0]
-    if lora_B.shape != (N, R) or lora_A.shape != (R, K):
-        raise ValueError(
-            f"weight {tuple(weight.shape)}, lora_B {tuple(lora_B.shape)} and lora_A {tuple(lora_A.shape)} "
-            "do not form weight + lora_B @ lora_A"
-        )
-    for name, t in (("lora_B", lora_B), ("lora_A", lora_A)):
-        if t.device != weight.device:
-            raise ValueError(f"device mismatch: weight is on {weight.device} but {name} is on {t.device}")
-    backend = fold_backend(weight)
-    if backend == "torch":
-        return reference.fold_lora_(weight, lora_B, lora_A, coef)
-    # The kernels take one dtype; the adapter factors are small, so casting them is cheap.
-    lora_B, lora_A = lora_B.to(weight.dtype), lora_A.to(weight.dtype)
-    if backend == "cuda":
-        return _cuda_extension()[0].fold_lora_(weight, lora_B, lora_A, float(coef))
-    from .ops import fold_lora_ as triton_fold
-
-    return triton_fold(weight, lora_B, lora_A, coef)

@@ -18,15 +18,21 @@ re-added in backward: an [M, r] add), the parameters and the dropout seed (a 0-d
 tensor: the kernels load it, the host never reads it); never an ``[M, N]`` tensor, a copy of an
 input, or a mask.
 
-Two wrappers share :func:`_forward` and :func:`_backward`: an autograd Function in eager mode (the
-lowest per-call cost), and the custom ops ``reslora_kernels::fused_forward`` / ``fused_backward``
-registered with ``torch.library`` for ``torch.compile``, which sees each as one opaque op (no
-graph break at the launchers' Python: autotuners, allocation, grids).
+One autograd Function, :class:`FusedResLoRAFunction`, for eager and compiled calls, with the
+gradient flags worked out in one place. Its forward and backward bodies are also registered ops,
+``torch.ops.reslora_kernels.fused_forward`` and ``fused_backward`` (a ``torch.library`` schema, the
+Python body for every device, a fake for tracing): ``torch.compile`` traces the Function and keeps
+each op as one opaque node, so there is no graph break at the launchers' Python (autotuners,
+allocation, grids). Eager calls run the bodies directly: the dispatcher's round trip through Python
+costs more than a launcher (benchmarks/NOTES.md, "Host overhead"; docs/design.md section 6).
+
+The base weight is one operand, ``weight [N, K]``, read through :func:`_dense_weight` in forward and
+again in backward: the one place a quantized base will dequantize its packed data (the operand then
+carries the quant state's tensors and names the format), so that nothing full-precision of the
+weight is saved for backward and no second Function is needed.
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -48,6 +54,12 @@ def _shaped(t: Tensor, like: Tensor) -> Tensor:
     return t if like.dim() == 2 else t.view(*like.shape[:-1], t.shape[-1])
 
 
+def _dense_weight(weight: Tensor) -> Tensor:
+    """The base weight as the ``[N, K]`` matrix the GEMMs read. Dense bases pass it as it is."""
+    return weight
+
+
+# ---------------------------------------------------------------------------- the op bodies
 def _forward(x, weight, bias, lora_A, lora_B, x_prev, z_prev, dropout_seed, scaling, input_scale, dropout_p, sqnorm):
     """``(y, z, ||x||^2 or None)`` with the leading dims of ``x``."""
     x2 = _rows(x)
@@ -61,15 +73,15 @@ def _forward(x, weight, bias, lora_A, lora_B, x_prev, z_prev, dropout_seed, scal
         compute_x_sqnorm=sqnorm,
     )
     u = z if z_prev is None else z + _rows(z_prev)
-    y = ops.linear_lora_fwd(x2, weight, bias, u, lora_B, scaling)
+    y = ops.linear_lora_fwd(x2, _dense_weight(weight), bias, u, lora_B, scaling)
     return _shaped(y, x), _shaped(z, x), x_sqnorm
 
 
 def _backward(
     grad_y, grad_z, x, x_prev, weight, lora_A, lora_B, z, z_prev, dropout_seed, scaling, input_scale, dropout_p, needs
-):
-    """``(dx, dx_prev, dW, dbias, dA, dB, dz_prev)``, ``None`` where ``needs`` (the seven flags,
-    in that order) says the gradient is not wanted."""
+) -> list[Tensor]:
+    """The gradients ``needs`` (seven flags: x, x_prev, weight, bias, lora_A, lora_B, z_prev) asks
+    for, in that order; ``grad_y`` may be ``None`` (only z is used downstream)."""
     want_x, want_prev, want_w, want_bias, want_a, want_b, want_z_prev = needs
     x2 = _rows(x)
     if grad_y is None:
@@ -78,13 +90,12 @@ def _backward(
         grad_y2 = _rows(grad_y)
     u = _rows(z) if z_prev is None else _rows(z) + _rows(z_prev)
     g, grad_B = ops.lora_grad_out(grad_y2, lora_B, u, scaling)
-    grad_z_prev = _shaped(g.to(x.dtype), x) if want_z_prev else None
     g_z = g if grad_z is None else g + _rows(grad_z)
-    grad_x = grad_x_prev = None
+    grads = []
     if want_x or want_prev:
         grad_x, grad_x_prev = ops.linear_lora_dx(
             grad_y2,
-            weight,
+            _dense_weight(weight),
             g_z,
             lora_A,
             input_scale=input_scale,
@@ -92,154 +103,120 @@ def _backward(
             dropout_seed=dropout_seed,
             store_prev=want_prev,
         )
-        grad_x = _shaped(grad_x, x)
-        if grad_x_prev is not None:
-            grad_x_prev = _shaped(grad_x_prev, x)
-    grad_A = None
-    if want_a:
-        grad_A = ops.lora_grad_A(
-            g_z,
-            x2,
-            None if x_prev is None else _rows(x_prev),
-            input_scale=input_scale,
-            dropout_p=dropout_p,
-            dropout_seed=dropout_seed,
-        )
+        if want_x:
+            grads.append(_shaped(grad_x, x))
+        if want_prev:
+            grads.append(_shaped(grad_x_prev, x))
     # The base layer is frozen in ResLoRA, but a user may unfreeze it: plain PyTorch then.
-    grad_W = grad_y2.t() @ x2 if want_w else None
-    grad_bias = grad_y2.sum(0) if want_bias else None
-    return (
-        grad_x,
-        grad_x_prev if want_prev else None,
-        grad_W,
-        grad_bias,
-        grad_A,
-        grad_B if want_b else None,
-        grad_z_prev,
-    )
-
-
-class FusedResLoRAFunction(torch.autograd.Function):
-    """The eager wrapper: ``apply(x, weight, bias, lora_A, lora_B, x_prev, z_prev, dropout_seed,
-    scaling, input_scale, dropout_p, compute_x_sqnorm) -> (y, z, x_sqnorm or None)``."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, x_prev, z_prev, seed, scaling, input_scale, p, sqnorm):
-        y, z, x_sqnorm = _forward(
-            x, weight, bias, lora_A, lora_B, x_prev, z_prev, seed, scaling, input_scale, p, sqnorm
+    if want_w:
+        grads.append(grad_y2.t() @ x2)
+    if want_bias:
+        grads.append(grad_y2.sum(0))
+    if want_a:
+        grads.append(
+            ops.lora_grad_A(
+                g_z,
+                x2,
+                None if x_prev is None else _rows(x_prev),
+                input_scale=input_scale,
+                dropout_p=dropout_p,
+                dropout_seed=dropout_seed,
+            )
         )
-        ctx.save_for_backward(x, x_prev, weight, lora_A, lora_B, z, z_prev, seed)
-        ctx.scaling, ctx.input_scale, ctx.dropout_p, ctx.has_bias = scaling, input_scale, p, bias is not None
-        ctx.set_materialize_grads(False)  # an unused z (every mode but ms) brings no zero tensor
-        if x_sqnorm is not None:
-            ctx.mark_non_differentiable(x_sqnorm)
-        return y, z, x_sqnorm
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_z, _grad_sqnorm):
-        x, x_prev, weight, lora_A, lora_B, z, z_prev, seed = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        needs = (need[0], x_prev is not None and need[5], need[1], ctx.has_bias and need[2], need[3], need[4])
-        needs += (z_prev is not None and need[6],)
-        dx, dx_prev, dW, dbias, dA, dB, dz_prev = _backward(
-            grad_y, grad_z, x, x_prev, weight, lora_A, lora_B, z, z_prev, seed, ctx.scaling, ctx.input_scale,
-            ctx.dropout_p, needs,
-        )  # fmt: skip
-        return dx, dW, dbias, dA, dB, dx_prev, dz_prev, None, None, None, None, None
+    if want_b:
+        grads.append(grad_B)
+    if want_z_prev:
+        grads.append(_shaped(g.to(x.dtype), x))
+    return grads
 
 
-# ---------------------------------------------------------------------------- torch.compile
-# Custom ops return tensors, never None: an absent result is an empty tensor, mapped back to None.
-def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
-    return like.new_empty(0) if t is None else t
+# ---------------------------------------------------------------------------- the registered ops
+_LIBRARY = torch.library.Library("reslora_kernels", "FRAGMENT")
+_LIBRARY.define(
+    "fused_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, Tensor? x_prev, "
+    "Tensor? z_prev, Tensor? dropout_seed, float scaling, float input_scale, float dropout_p, "
+    "bool compute_x_sqnorm) -> (Tensor, Tensor, Tensor)"
+)
+_LIBRARY.define(
+    "fused_backward(Tensor? grad_y, Tensor? grad_z, Tensor x, Tensor? x_prev, Tensor weight, Tensor lora_A, "
+    "Tensor lora_B, Tensor z, Tensor? z_prev, Tensor? dropout_seed, float scaling, float input_scale, "
+    "float dropout_p, bool[7] needs) -> Tensor[]"
+)
 
 
-@torch.library.custom_op("reslora_kernels::fused_forward", mutates_args=())
-def fused_forward_op(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    lora_A: Tensor,
-    lora_B: Tensor,
-    x_prev: Optional[Tensor],
-    z_prev: Optional[Tensor],
-    dropout_seed: Optional[Tensor],
-    scaling: float,
-    input_scale: float,
-    dropout_p: float,
-    compute_x_sqnorm: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(y, z, ||x||^2)`` of one block (``||x||^2`` is an empty tensor unless asked for)."""
-    y, z, x_sqnorm = _forward(
-        x, weight, bias, lora_A, lora_B, x_prev, z_prev, dropout_seed, scaling, input_scale, dropout_p,
-        compute_x_sqnorm,
-    )  # fmt: skip
-    # Outputs must not alias each other or an input; z is its own buffer already.
+def _forward_op(x, weight, bias, lora_A, lora_B, x_prev, z_prev, seed, scaling, input_scale, dropout_p, sqnorm):
+    y, z, x_sqnorm = _forward(x, weight, bias, lora_A, lora_B, x_prev, z_prev, seed, scaling, input_scale, dropout_p,
+                              sqnorm)  # fmt: skip
+    # An op returns tensors, never None: an absent ||x||^2 is an empty tensor (mapped back to None).
     return y, z, x_sqnorm if x_sqnorm is not None else x.new_empty(0, dtype=torch.float32)
 
 
-@fused_forward_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, x_prev, z_prev, dropout_seed, scaling, input_scale, dropout_p, sqnorm):
+def _forward_fake(x, weight, bias, lora_A, lora_B, x_prev, z_prev, seed, scaling, input_scale, dropout_p, sqnorm):
     lead = x.shape[:-1]
     y = x.new_empty((*lead, weight.shape[0]))
     z = x.new_empty((*lead, lora_A.shape[0]))
     return y, z, x.new_empty(() if sqnorm else (0,), dtype=torch.float32)
 
 
-@torch.library.custom_op("reslora_kernels::fused_backward", mutates_args=())
-def fused_backward_op(
-    grad_y: Tensor,
-    grad_z: Optional[Tensor],
-    x: Tensor,
-    x_prev: Optional[Tensor],
-    weight: Tensor,
-    lora_A: Tensor,
-    lora_B: Tensor,
-    z: Tensor,
-    z_prev: Optional[Tensor],
-    dropout_seed: Optional[Tensor],
-    scaling: float,
-    input_scale: float,
-    dropout_p: float,
-    needs: list[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(dx, dx_prev, dW, dbias, dA, dB, dz_prev)``, an empty tensor where ``needs`` says no."""
-    grads = _backward(
-        grad_y, grad_z, x, x_prev, weight, lora_A, lora_B, z, z_prev, dropout_seed, scaling, input_scale, dropout_p,
-        tuple(needs),
-    )  # fmt: skip
-    return tuple(_or_empty(g, x) for g in grads)
-
-
-@fused_backward_op.register_fake
-def _(grad_y, grad_z, x, x_prev, weight, lora_A, lora_B, z, z_prev, seed, scaling, input_scale, p, needs):
+def _backward_fake(grad_y, grad_z, x, x_prev, weight, lora_A, lora_B, z, z_prev, seed, scaling, input_scale, p, needs):
     shapes = (x.shape, x.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape, z.shape)
-    return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
+    return [x.new_empty(shape) for shape, need in zip(shapes, needs) if need]
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, x_prev, z_prev, seed, scaling, input_scale, p, _ = inputs
-    ctx.save_for_backward(x, x_prev, weight, lora_A, lora_B, output[1], z_prev, seed)
-    ctx.scaling, ctx.input_scale, ctx.dropout_p, ctx.has_bias = scaling, input_scale, p, bias is not None
-    ctx.mark_non_differentiable(output[2])
+# One body for every device: the launchers run CUDA tensors on the GPU and CPU tensors through
+# Triton's interpreter.
+_LIBRARY.impl("fused_forward", _forward_op, "CompositeExplicitAutograd")
+_LIBRARY.impl("fused_backward", _backward, "CompositeExplicitAutograd")
+torch.library.register_fake("reslora_kernels::fused_forward", _forward_fake, lib=_LIBRARY)
+torch.library.register_fake("reslora_kernels::fused_backward", _backward_fake, lib=_LIBRARY)
+_fused_forward = torch.ops.reslora_kernels.fused_forward.default
+_fused_backward = torch.ops.reslora_kernels.fused_backward.default
 
 
-def _backward_op(ctx, grad_y, grad_z, _grad_sqnorm):
-    x, x_prev, weight, lora_A, lora_B, z, z_prev, seed = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    needs = [need[0], x_prev is not None and need[5], need[1], ctx.has_bias and need[2], need[3], need[4]]
-    needs.append(z_prev is not None and need[6])
-    if grad_y is None:
-        grad_y = torch.zeros((*x.shape[:-1], weight.shape[0]), device=x.device, dtype=x.dtype)
-    grads = torch.ops.reslora_kernels.fused_backward(
-        grad_y, grad_z, x, x_prev, weight, lora_A, lora_B, z, z_prev, seed, ctx.scaling, ctx.input_scale,
-        ctx.dropout_p, needs,
-    )  # fmt: skip
-    dx, dx_prev, dW, dbias, dA, dB, dz_prev = (g if flag else None for g, flag in zip(grads, needs))
-    return dx, dW, dbias, dA, dB, dx_prev, dz_prev, None, None, None, None, None
+# ---------------------------------------------------------------------------- autograd
+class FusedResLoRAFunction(torch.autograd.Function):
+    """``apply(x, weight, bias, lora_A, lora_B, x_prev, z_prev, dropout_seed, scalars) -> (y, z,
+    x_sqnorm or None)``, ``scalars = (scaling, input_scale, dropout_p, compute_x_sqnorm)``: one
+    tuple, since each argument of ``apply`` costs a little on every call.
 
+    Under ``torch.compile`` (Dynamo traces this Function) forward and backward call the registered
+    ops, which the graph keeps as opaque nodes; eager calls run the same bodies without the
+    dispatcher's round trip through Python, ~10 us per block (benchmarks/NOTES.md, "Host overhead")."""
 
-fused_forward_op.register_autograd(_backward_op, setup_context=_setup_context)
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, x_prev, z_prev, seed, scalars):
+        scaling, input_scale, dropout_p, sqnorm = scalars
+        run = _fused_forward if torch.compiler.is_compiling() else _forward
+        y, z, x_sqnorm = run(x, weight, bias, lora_A, lora_B, x_prev, z_prev, seed, scaling, input_scale, dropout_p,
+                             sqnorm)  # fmt: skip
+        ctx.save_for_backward(x, x_prev, weight, lora_A, lora_B, z, z_prev, seed)
+        ctx.scalars = scalars
+        ctx.set_materialize_grads(False)  # an unused z (every mode but ms) brings no zero tensor
+        if not sqnorm:
+            return y, z, None
+        ctx.mark_non_differentiable(x_sqnorm)
+        return y, z, x_sqnorm
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_z, _grad_sqnorm):
+        x, x_prev, weight, lora_A, lora_B, z, z_prev, seed = ctx.saved_tensors
+        scaling, input_scale, dropout_p, _ = ctx.scalars
+        # apply()'s order is (x, weight, bias, lora_A, lora_B, x_prev, z_prev); the op's is
+        # (x, x_prev, weight, bias, lora_A, lora_B, z_prev). An input that was None (no bias, no
+        # shortcut) needs no gradient.
+        need = ctx.needs_input_grad
+        needs = [need[0], need[5], need[1], need[2], need[3], need[4], need[6]]
+        run = _fused_backward if torch.compiler.is_compiling() else _backward
+        grads = run(grad_y, grad_z, x, x_prev, weight, lora_A, lora_B, z, z_prev, seed, scaling, input_scale,
+                    dropout_p, needs)  # fmt: skip
+        out = [None] * 7
+        i = 0
+        for slot, flag in enumerate(needs):
+            if flag:
+                out[slot] = grads[i]
+                i += 1
+        dx, dx_prev, dW, dbias, dA, dB, dz_prev = out
+        return dx, dW, dbias, dA, dB, dx_prev, dz_prev, None, None
 
 
 def fused_reslora_linear(
@@ -273,8 +250,5 @@ def fused_reslora_linear(
         if dropout_seed is None:
             raise ValueError("dropout_p > 0 needs a dropout_seed")
         seed = ops.seed_tensor(dropout_seed, x.device)
-    args = (x, weight, bias, lora_A, lora_B, x_prev, z_prev, seed, float(scaling), input_scale, float(dropout_p))
-    if torch.compiler.is_compiling():
-        y, z, x_sqnorm = torch.ops.reslora_kernels.fused_forward(*args, compute_x_sqnorm)
-        return y, z, x_sqnorm if compute_x_sqnorm else None
-    return FusedResLoRAFunction.apply(*args, compute_x_sqnorm)
+    scalars = (float(scaling), input_scale, float(dropout_p), bool(compute_x_sqnorm))
+    return FusedResLoRAFunction.apply(x, weight, bias, lora_A, lora_B, x_prev, z_prev, seed, scalars)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
-from . import functional, reference
+from . import backend, functional, reference
 from .base_layers import base_features, base_problem, is_conv1d, reset_base_parameters
 from .chain import ResLoRAChain
 from .config import BlockSettings
@@ -185,12 +185,12 @@ class FusedResLoRALinear(nn.Module):
         # Under autocast the block computes in the autocast dtype, as nn.Linear would; the adapter
         # keeps its own dtype (the casts are differentiable, gradients arrive in it).
         dtype = functional.autocast_dtype(x)
-        # Fail on a bad input (or a misspelled RESLORA_BACKEND) before the chain's pass state is touched.
+        # Fail on a bad input, or a backend that cannot run it, before the chain's pass state is touched.
         try:
             functional.check_inputs(x, weight, bias, lora_A, lora_B, compute_dtype=dtype)
         except (TypeError, ValueError) as err:
             raise type(err)(f"{self._where()}: {err}") from None
-        functional.requested_backend()
+        resolved = backend.resolve_backend(x)
         x_prev = z_prev = None
         if mode != "none":
             own_A = lora_A
@@ -216,7 +216,8 @@ class FusedResLoRALinear(nn.Module):
             )
         training = self.training
         record = training and self.statistics is not None
-        y, z, x_sqnorm = functional.run_reslora_linear(
+        y, z, x_sqnorm = functional.call(
+            resolved,
             x,
             weight,
             bias,
@@ -227,6 +228,7 @@ class FusedResLoRALinear(nn.Module):
             z_prev=z_prev,
             dropout_p=settings.dropout if training else 0.0,
             compute_x_sqnorm=record and mode == "is",
+            autocast=dtype is not None,
         )
         if mode != "none":
             chain.after_forward(self, x, z, y)

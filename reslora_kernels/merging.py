@@ -11,7 +11,7 @@ from collections import defaultdict
 import torch
 import torch.nn as nn
 
-from . import functional
+from . import fold
 from .apply import restore_modules
 from .layer import FusedResLoRALinear
 from .merge_methods import METHOD_MODES, MergeTerm, chains_of, merge_terms
@@ -53,8 +53,8 @@ def folded_weight(block: FusedResLoRALinear, term: MergeTerm) -> torch.Tensor:
     if block.fan_in_fan_out:
         # The Parameter is stored [in, out] (Conv1D): fold the transposed update, W^T += c A^T B^T.
         lora_B, lora_A = term.lora_A.t().contiguous(), term.lora_B.t().contiguous()
-        return functional.fold_lora_(weight, lora_B, lora_A, term.coef)
-    return functional.fold_lora_(weight, term.lora_B, term.lora_A, term.coef)
+        return fold.fold_lora_(weight, lora_B, lora_A, term.coef)
+    return fold.fold_lora_(weight, term.lora_B, term.lora_A, term.coef)
 
 
 def _nonfinite_cause(block: FusedResLoRALinear, term: MergeTerm) -> str:
@@ -218,7 +218,7 @@ class _MergedPreview(nn.Module):
         self.block, self.term = block, term
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = functional.fold_lora_(
+        weight = fold.fold_lora_(
             self.block.weight.detach().clone(), self.term.lora_B, self.term.lora_A, self.term.coef
         )
         return torch.nn.functional.linear(x, weight, self.block.bias)

@@ -277,7 +277,7 @@ def _use_kernel(info: QuantDescription, kernel: bool | None) -> bool:
         return False
     if info.device.type == "cuda":
         return True
-    from .ops import INTERPRETED
+    from .ops._target import INTERPRETED
 
     if info.device.type == "cpu" and INTERPRETED:
         return True

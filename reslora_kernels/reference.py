@@ -2,7 +2,7 @@
 
 Each function here has the same signature as its fast counterpart (``reslora_kernels.ops`` and
 ``reslora_kernels.fused``) and reads as the formula of docs/design.md section 2. Gradients come
-from PyTorch's autograd.
+from PyTorch's autograd. The dropout mask is :func:`reslora_kernels.dropout_mask.dropout_keep_mask`.
 """
 
 from __future__ import annotations
@@ -10,86 +10,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["dropout_keep_mask", "squared_norm", "reslora_linear", "fold_lora_", "dequant_4bit", "dequant_int8"]
+from .dropout_mask import dropout_keep_mask
+
+__all__ = ["squared_norm", "reslora_linear", "fold_lora_", "dequant_4bit", "dequant_int8"]
 
 
 def squared_norm(t: torch.Tensor) -> torch.Tensor:
     """``||t||_F^2`` as a float32 scalar, accumulated in at least float32, without autograd."""
     acc = torch.promote_types(t.dtype, torch.float32)
     return torch.linalg.vector_norm(t.detach(), dtype=acc).square().float()
-
-
-# Dropout masks are a pure function of (seed, row, column), defined here once and implemented
-# bit-identically by every backend (the Triton kernels in ops/dropout.py): one seed names one mask
-# everywhere, and backward regenerates the mask instead of storing it. The hash is lowbias32
-# (C. Wellons, "Hash function prospector"): two multiply-xorshift rounds with full avalanche.
-# Arithmetic is uint32 held in int32 tensors: multiplication wraps modulo 2^32 on every torch
-# backend (checked by the tests), and ">>" is made logical by masking the sign-extended bits.
-MIX_MUL_1 = 0x7FEB352D
-MIX_MUL_2 = 0x846CA68B
-#: XORed into the seed for the column key, so that row and column keys differ when m == k.
-COLUMN_SALT = 0x9E3779B9
-
-
-def _int32(value: int) -> int:
-    """The int32 with the same 32 bits as the uint32 ``value``."""
-    return value - (1 << 32) if value >= 1 << 31 else value
-
-
-def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Logical right shift of uint32 values held in an int32 tensor."""
-    return (x >> bits) & ((1 << (32 - bits)) - 1)
-
-
-def mix32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 of the uint32 values held in the int32 tensor ``x`` (a new tensor)."""
-    if torch.compiler.is_compiling():
-        # Functional form: Inductor fuses it into one kernel anyway.
-        x = x ^ _shr(x, 16)
-        x = x * _int32(MIX_MUL_1)
-        x = x ^ _shr(x, 15)
-        x = x * _int32(MIX_MUL_2)
-        return x ^ _shr(x, 16)
-    # Eager: in place on one scratch buffer. Each fresh [M, K] temporary costs page faults that
-    # dominate these cheap integer ops (3x slower out of place on CPU).
-    x = x.clone()
-    scratch = torch.empty_like(x)
-    for bits, factor in ((16, MIX_MUL_1), (15, MIX_MUL_2), (16, None)):
-        torch.bitwise_right_shift(x, bits, out=scratch)
-        x.bitwise_xor_(scratch.bitwise_and_((1 << (32 - bits)) - 1))
-        if factor is not None:
-            x.mul_(_int32(factor))
-    return x
-
-
-def dropout_keep_mask(
-    shape: torch.Size | tuple[int, ...], p: float, seed: int | torch.Tensor, device: torch.device | str
-) -> torch.Tensor:
-    """Boolean keep-mask of a LoRA input of ``shape`` (leading dims flattened to rows ``m``,
-    the last dim is the column ``k``): ``True`` with probability ``1 - p``::
-
-        s        = mix(seed)
-        row_key  = mix(m ^ s)
-        col_key  = mix(k ^ mix(seed ^ 0x9E3779B9))
-        keep     = (mix(row_key ^ col_key) >> 1) >= floor(p * 2^31)
-
-    ``mix`` is lowbias32 on uint32; ``seed`` is an int or a 0-d integer tensor in [0, 2^31)
-    (a device tensor: drawing and using it never reads the device from the host). Every backend
-    draws exactly this mask, so the same seed gives the same mask on every backend and device.
-    """
-    shape = tuple(shape)
-    cols = shape[-1] if shape else 1
-    rows = 1
-    for d in shape[:-1]:
-        rows *= d
-    if not isinstance(seed, torch.Tensor):
-        seed = torch.tensor(int(seed), dtype=torch.int64)
-    seed = seed.to(device=device, dtype=torch.int32)
-    threshold = min(int(p * 2**31), 2**31 - 1)
-    row_key = mix32(torch.arange(rows, device=device, dtype=torch.int32) ^ mix32(seed))
-    col_key = mix32(torch.arange(cols, device=device, dtype=torch.int32) ^ mix32(seed ^ _int32(COLUMN_SALT)))
-    draw = _shr(mix32(row_key[:, None] ^ col_key[None, :]), 1)
-    return (draw >= threshold).reshape(shape)
 
 
 def reslora_linear(

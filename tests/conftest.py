@@ -39,11 +39,15 @@ def poison_empty(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_backend(monkeypatch):
+def _seed_and_backend():
     torch.manual_seed(0)
-    # Tests choose their backend explicitly; a developer's shell setting must not leak in.
-    monkeypatch.delenv("RESLORA_BACKEND", raising=False)
+    # Tests choose their backend explicitly (set_backend, use_backend); a developer's
+    # RESLORA_BACKEND must not leak in, nor one test's choice into the next.
+    from reslora_kernels import set_backend
+
+    set_backend("auto")
     yield
+    set_backend("auto")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -3,7 +3,7 @@
 Every table lists the candidates for any target and dtype; :func:`reslora_kernels.ops._target.usable`
 drops, per launch, those whose build does not fit the target's shared memory (e.g. large float32
 tiles on an A100) or spills registers (e.g. 128 x 256 tiles when the dropout hash runs on the
-tile). The compile matrix (``python -m reslora_kernels.ops.compile_matrix``) builds every row for
+tile). The compile matrix (``python -m tools.compile_matrix``) builds every row for
 sm_90a and sm_80 and checks that each launch keeps at least one config, that no offered 16-bit
 config spills, and what each build uses (docs/compile_matrix.md).
 

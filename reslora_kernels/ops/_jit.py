@@ -4,7 +4,7 @@ forward and backward must compute identically."""
 import triton
 import triton.language as tl
 
-from .dropout import keep_mask
+from .dropout_kernel import keep_mask
 
 
 @triton.jit

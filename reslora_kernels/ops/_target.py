@@ -13,7 +13,7 @@ without a GPU:
   CPU tensors.
 * :func:`capture` records each launch (kernel, grid, keyword arguments) instead of running it, so
   a compile matrix can build exactly what the launchers would launch for a GPU target
-  (``reslora_kernels.ops.compile_matrix``), from ``meta`` tensors on a machine without a GPU.
+  (``python -m tools.compile_matrix``), from ``meta`` tensors on a machine without a GPU.
 """
 
 from __future__ import annotations

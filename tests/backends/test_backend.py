@@ -1,8 +1,16 @@
-"""The RESLORA_BACKEND switch, auto's per-shape choice (timed with injected fake timers, on CPU
-through Triton's interpreter standing in for CUDA), its fallbacks, cache and report."""
+"""The backend selection (the environment's default read once, set_backend, use_backend and their
+thread semantics), auto's per-shape choice (timed with injected fake timers, on CPU through Triton's
+interpreter standing in for CUDA), its fallbacks, cache and report."""
 
+import asyncio
 import json
+import os
+import re
+import subprocess
+import sys
+import threading
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,10 +21,14 @@ from reslora_kernels import (
     FusedResLoRALinear,
     backend,
     backend_report,
+    fold,
     functional,
     resolve_backend,
+    set_backend,
+    use_backend,
 )
 
+ROOT = Path(__file__).resolve().parents[2]
 GRAD_FNS = {
     "reference": "AddBackward0",
     "composed": "ComposedResLoRAFunctionBackward",
@@ -33,62 +45,185 @@ def grad_fn_of(layer, x):
     [
         (None, "composed"),
         (" AUTO ", "composed"),
-        ("", "composed"),
         ("reference", "reference"),
-        ("torch", "reference"),
         ("Composed", "composed"),
         ("fused", "fused"),
-        ("triton", "fused"),
     ],
 )
-def test_values_and_aliases_on_cpu(monkeypatch, value, expected):
-    """auto runs composed on CPU; the old names torch/triton still work. (fused on CPU tensors
-    runs in Triton's interpreter, which the test suite enables.)"""
+def test_values_on_cpu(value, expected):
+    """auto runs composed on CPU. (fused on CPU tensors runs in Triton's interpreter, which the
+    test suite enables.)"""
     if value is not None:
-        monkeypatch.setenv("RESLORA_BACKEND", value)
+        set_backend(value)
     x = torch.randn(2, 24)
     assert resolve_backend(x) == expected
     layer = ToyStack(1, 24, "none", dtype=torch.float32).blocks[0]
     assert grad_fn_of(layer, x.requires_grad_()) == GRAD_FNS[expected]
 
 
-def test_unknown_backend_is_an_error(monkeypatch):
-    monkeypatch.setenv("RESLORA_BACKEND", "cuda")
-    message = r"RESLORA_BACKEND='cuda' is not one of auto, reference, composed, fused \(or the old names"
-    with pytest.raises(ValueError, match=message):
-        FusedResLoRALinear(4, 4)(torch.randn(2, 4))
-    with pytest.raises(ValueError, match=message):
-        backend_report()
+@pytest.mark.parametrize("old, new", [("torch", "reference"), ("triton", "fused")])
+def test_old_names_are_errors_naming_the_new_ones(old, new):
+    message = f"set_backend='{old}' is not one of auto, reference, composed, fused ('{old}' is called '{new}' now)"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        set_backend(old)
+    with pytest.raises(ValueError, match=re.escape(f"'{old}' is called '{new}' now")), use_backend(old):
+        pass
+    assert backend.requested_backend() == "auto"
+
+
+def test_unknown_backend_is_an_error():
+    with pytest.raises(ValueError, match="set_backend='cuda' is not one of auto, reference, composed, fused$"):
+        set_backend("cuda")
+    with pytest.raises(TypeError, match="use_backend needs a backend name"), use_backend(None):
+        pass
+    assert backend.requested_backend() == "auto"  # nothing changed
+
+
+def _in_a_fresh_process(code: str, env_value: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "RESLORA_BACKEND"}
+    env["RESLORA_BACKEND"] = env_value
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_the_environment_is_read_once_at_import():
+    """RESLORA_BACKEND is the default from import on; changing the environment afterwards changes
+    nothing; set_backend(None) comes back to it. A value naming no backend fails every block call
+    (and the report) with the variable's name until set_backend replaces it."""
+    code = """
+import os, torch
+from reslora_kernels import FusedResLoRALinear, backend, backend_report, set_backend
+print(backend.requested_backend())
+os.environ["RESLORA_BACKEND"] = "composed"
+print(backend.requested_backend())
+set_backend("composed"); set_backend(None)
+print(backend.requested_backend())
+print(backend_report().splitlines()[0])
+"""
+    assert _in_a_fresh_process(code, "Reference").split("\n")[:4] == [
+        "reference",
+        "reference",
+        "reference",
+        "backend: reference (from RESLORA_BACKEND='Reference' when reslora_kernels was imported)",
+    ]
+    code = """
+import torch
+from reslora_kernels import FusedResLoRALinear, backend_report, set_backend
+layer = FusedResLoRALinear(4, 4)
+for call in (lambda: layer(torch.randn(2, 4)), backend_report):
+    try:
+        call()
+    except ValueError as err:
+        print(err)
+set_backend("composed")
+print(layer(torch.randn(2, 4)).grad_fn.name())
+"""
+    lines = _in_a_fresh_process(code, "triton").splitlines()
+    message = "RESLORA_BACKEND='triton' is not one of auto, reference, composed, fused ('triton' is called 'fused' now)"
+    assert lines == [message, message, "ComposedResLoRAFunctionBackward"]
+
+
+def test_set_backend_is_process_wide():
+    set_backend("reference")
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(backend.requested_backend()))
+    thread.start()
+    thread.join()
+    assert seen == ["reference"] and backend.requested_backend() == "reference"
+    assert backend_report().startswith("backend: reference (from set_backend('reference'))")
+
+
+def test_use_backend_is_context_local_and_nests():
+    layer = ToyStack(1, 24, "none", dtype=torch.float32).blocks[0]
+    x = torch.randn(2, 24, requires_grad=True)
+    other_thread = []
+    with use_backend("reference") as name:
+        assert name == "reference" and grad_fn_of(layer, x) == GRAD_FNS["reference"]
+        assert backend_report().startswith("backend: reference (from use_backend('reference') in this context)")
+        # Another thread (started here or elsewhere) keeps the process-wide default.
+        thread = threading.Thread(target=lambda: other_thread.append(backend.requested_backend()))
+        thread.start()
+        thread.join()
+        with use_backend("fused"):
+            assert grad_fn_of(layer, x) == GRAD_FNS["fused"]
+            set_backend("reference")  # the default changes; this context's override still wins
+            assert backend.requested_backend() == "fused"
+        assert backend.requested_backend() == "reference"
+        set_backend("auto")
+    assert other_thread == ["auto"]
+    assert grad_fn_of(layer, x) == GRAD_FNS["composed"]
+    with pytest.raises(RuntimeError, match="boom"), use_backend("reference"):
+        raise RuntimeError("boom")
+    assert backend.requested_backend() == "auto" and not backend._OVERRIDDEN
+
+
+def test_use_backend_in_concurrent_threads_and_tasks():
+    """Two threads, each in its own use_backend block, at the same time: each sees its own."""
+    barrier = threading.Barrier(2)
+    seen = {}
+
+    def run(name):
+        with use_backend(name):
+            barrier.wait()
+            seen[name] = backend.requested_backend()
+            barrier.wait()
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in ("reference", "composed")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {"reference": "reference", "composed": "composed"}
+
+    async def task(name, started, release):
+        with use_backend(name):
+            started.set()
+            await release.wait()
+            return backend.requested_backend()
+
+    async def main():
+        first, second, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        a = asyncio.create_task(task("reference", first, release))
+        b = asyncio.create_task(task("composed", second, release))
+        await first.wait()
+        await second.wait()
+        release.set()
+        return await a, await b
+
+    assert asyncio.run(main()) == ("reference", "composed")
+    assert backend.requested_backend() == "auto" and not backend._OVERRIDDEN
 
 
 def test_explicit_fused_never_falls_back(monkeypatch):
-    monkeypatch.setenv("RESLORA_BACKEND", "fused")
+    set_backend("fused")
     x = torch.randn(2, 4)
-    with pytest.raises(TypeError, match="RESLORA_BACKEND=fused supports float16, bfloat16 and float32 inputs"):
+    with pytest.raises(TypeError, match="the fused backend supports float16, bfloat16 and float32 inputs"):
         resolve_backend(x.double())
     monkeypatch.setattr(backend, "fused_import_error", lambda: ImportError("no module named triton"))
-    with pytest.raises(RuntimeError, match=r"RESLORA_BACKEND=fused cannot run: .*no module named triton"):
+    with pytest.raises(RuntimeError, match=r"the fused backend cannot run: .*no module named triton"):
         FusedResLoRALinear(4, 4)(x)
     monkeypatch.undo()
-    monkeypatch.setenv("RESLORA_BACKEND", "fused")
-    import reslora_kernels.ops as ops
+    from reslora_kernels.ops import _target
 
-    monkeypatch.setattr(ops, "INTERPRETED", False)
+    monkeypatch.setattr(_target, "INTERPRETED", False)
     with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1 before importing reslora_kernels"):
         resolve_backend(x)
     with pytest.raises(RuntimeError, match="cannot run on meta tensors"):
-        monkeypatch.setattr(ops, "INTERPRETED", True)
+        monkeypatch.setattr(_target, "INTERPRETED", True)
         resolve_backend(x.to("meta"))
 
 
-def test_fold_follows_the_switch(monkeypatch):
+def test_fold_follows_the_switch():
     W = torch.randn(4, 4)
-    assert functional.fold_backend(W) == "torch"
-    for value in ("composed", "reference", "torch"):
-        monkeypatch.setenv("RESLORA_BACKEND", value)
-        assert functional.fold_backend(W) == "torch"
-    monkeypatch.setenv("RESLORA_BACKEND", "fused")
-    assert functional.fold_backend(W) == "triton"
+    assert fold.fold_backend(W) == "torch"
+    for value in ("composed", "reference"):
+        set_backend(value)
+        assert fold.fold_backend(W) == "torch"
+    set_backend("fused")
+    assert fold.fold_backend(W) == "triton"
+    with use_backend("composed"):
+        assert fold.fold_backend(W) == "torch"
 
 
 # ---------------------------------------------------------------------------- auto, timed
@@ -250,5 +385,5 @@ def test_a_fused_failure_from_the_disk_cache_warns(timed_cpu, monkeypatch, tmp_p
 
 def test_report_on_cpu():
     text = backend_report()
-    assert text.startswith("RESLORA_BACKEND='' -> auto")
+    assert text.startswith("backend: auto (from ")
     assert "CPU tensors: composed" in text

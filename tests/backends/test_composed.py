@@ -7,7 +7,7 @@ import torch
 from helpers import SeedRecorder, ToyStack, assert_lowp_close, oracle_params, rel_err
 from oracle import oracle_grads
 
-from reslora_kernels import backend, composed, functional, reference
+from reslora_kernels import backend, composed, functional, reference, set_backend
 from reslora_kernels.composed import ComposedResLoRAFunction, composed_reslora_linear
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
@@ -18,7 +18,7 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 @pytest.fixture
 def composed_backend(monkeypatch):
-    monkeypatch.setenv("RESLORA_BACKEND", "composed")
+    set_backend("composed")
 
 
 def assert_close(out, ref64, torch_same_dtype, what):
@@ -202,10 +202,10 @@ def test_gpu_mask_kernel_is_the_reference_mask(shape):
 def test_cuda_mask_is_one_kernel():
     """On CUDA tensors the composed mask is one launch (tests/backends/test_composed.py checks its bits
     through the interpreter on CPU), and it is the reference mask."""
-    from reslora_kernels import ops
+    from reslora_kernels.ops import _target
 
     x2 = torch.empty((300, 1000), device="cuda", dtype=torch.bfloat16)
-    with ops.capture() as launches:
+    with _target.capture() as launches:
         composed._keep(x2, 0.1, 7)
     assert len(launches) == 1
     expected = reference.dropout_keep_mask(x2.shape, 0.1, 7, "cuda").to(x2.dtype)

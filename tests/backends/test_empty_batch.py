@@ -4,6 +4,8 @@ import pytest
 import torch
 from helpers import ToyStack
 
+from reslora_kernels import set_backend
+
 BACKENDS = ["reference", "composed", "fused"]
 
 
@@ -13,7 +15,7 @@ BACKENDS = ["reference", "composed", "fused"]
 def test_empty_batch_every_mode(monkeypatch, backend, mode, p):
     if backend == "fused":
         pytest.importorskip("triton")
-    monkeypatch.setenv("RESLORA_BACKEND", backend)
+    set_backend(backend)
     model = ToyStack(3, 8, mode, pre_num=-1, dropout=p, dtype=torch.float32).train()
     x = torch.randn(2, 0, 8, requires_grad=True)
     ys = model(x)

@@ -8,14 +8,15 @@ from oracle import oracle_grads, toy_stack
 
 pytest.importorskip("triton")
 import reslora_kernels.ops as ops  # noqa: E402
-from reslora_kernels import functional, fused, reference  # noqa: E402
+from reslora_kernels import backend, functional, fused, reference, set_backend  # noqa: E402
+from reslora_kernels.ops import _target  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
 
 
 @pytest.fixture
 def triton_backend(monkeypatch):
-    monkeypatch.setenv("RESLORA_BACKEND", "triton")
+    set_backend("fused")
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2])
@@ -60,7 +61,7 @@ def test_kernels_actually_run(triton_backend, monkeypatch):
         monkeypatch.setattr(ops, name, counted)
 
     def forbidden(*args, **kwargs):
-        raise AssertionError("the reference ran under RESLORA_BACKEND=triton")
+        raise AssertionError("the reference ran under the fused backend")
 
     monkeypatch.setattr(reference, "reslora_linear", forbidden)
     model = ToyStack(3, 24, "is", dtype=torch.float32, device=KERNEL_DEVICE)
@@ -168,12 +169,12 @@ def test_norm_statistics_come_from_the_kernel(triton_backend):
 
 def test_auto_runs_cpu_tensors_on_the_composed_path(monkeypatch):
     x = torch.randn(2, 4)
-    assert functional.resolve_backend(x) == "composed"
-    monkeypatch.setenv("RESLORA_BACKEND", "triton")
+    assert backend.resolve_backend(x) == "composed"
+    set_backend("fused")
     if KERNEL_DEVICE == "cpu":
-        assert functional.resolve_backend(x) == "fused"
-        monkeypatch.setattr(ops, "INTERPRETED", False)
+        assert backend.resolve_backend(x) == "fused"
+        monkeypatch.setattr(_target, "INTERPRETED", False)
         with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1 before importing reslora_kernels"):
-            functional.resolve_backend(x)
+            backend.resolve_backend(x)
     with pytest.raises(TypeError, match="supports float16, bfloat16 and float32"):
-        functional.resolve_backend(x.double())
+        backend.resolve_backend(x.double())

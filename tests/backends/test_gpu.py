@@ -10,6 +10,8 @@ import torch
 from helpers import ToyStack, assert_lowp_close, oracle_params
 from oracle import toy_stack
 
+from reslora_kernels import set_backend
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 M, FEATURES, RANK = 4096, 4096, 16
@@ -17,7 +19,7 @@ M, FEATURES, RANK = 4096, 4096, 16
 
 @pytest.fixture
 def triton_backend(monkeypatch):
-    monkeypatch.setenv("RESLORA_BACKEND", "triton")
+    set_backend("fused")
 
 
 def run_oracle(params, x0, scaling, mode, pre_num, probes, dtype):
@@ -76,18 +78,16 @@ def test_training_step_never_syncs(triton_backend, mode):
 def test_launch_plan_matches_the_device():
     """On the real device the launchers take the path the compile matrix proved for its
     architecture: the persistent TMA GEMMs on sm_90, the pointer kernels elsewhere."""
-    import importlib
-
     from reslora_kernels import ops
-
-    fwd = importlib.import_module("reslora_kernels.ops.linear_lora_fwd")
+    from reslora_kernels.ops import _target
+    from reslora_kernels.ops import linear_lora_fwd_kernel as fwd
     x = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
     W = torch.randn(384, 512, device="cuda", dtype=torch.bfloat16)
     u, B = (
         torch.randn(256, 16, device="cuda", dtype=torch.bfloat16),
         torch.zeros(384, 16, device="cuda", dtype=torch.bfloat16),
     )
-    with ops.capture() as plan:
+    with _target.capture() as plan:
         ops.linear_lora_fwd(x, W, None, u, B, 1.0)
     hopper = torch.cuda.get_device_capability()[0] == 9
     assert plan[0].kernel is (fwd._linear_lora_fwd_tma_kernel if hopper else fwd._linear_lora_fwd_kernel)

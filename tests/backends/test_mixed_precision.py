@@ -6,7 +6,7 @@ import torch
 from helpers import ToyStack, oracle_params, rel_err
 from oracle import oracle_grads
 
-from reslora_kernels import FusedResLoRALinear, ResLoRAConfig, apply_reslora, functional
+from reslora_kernels import FusedResLoRALinear, ResLoRAConfig, apply_reslora, functional, set_backend
 
 CPU_BACKENDS = ["reference", "composed"]
 
@@ -23,7 +23,7 @@ def assert_autocast_close(out, ref64, ref_lowp, what):
 @pytest.mark.parametrize("pre_num", [1, -1])
 @pytest.mark.parametrize("mode", ["none", "is", "bs", "ms"])
 def test_cpu_bf16_autocast_matches_the_oracle(monkeypatch, backend, mode, pre_num):
-    monkeypatch.setenv("RESLORA_BACKEND", backend)
+    set_backend(backend)
     model = ToyStack(4, 48, mode, pre_num, rank=8, dtype=torch.float32).train()
     params = oracle_params(model)
     x0 = torch.randn(3, 5, 48, requires_grad=True)

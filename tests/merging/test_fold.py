@@ -1,5 +1,7 @@
 """The merge fold W += c * B A: every implementation against W + c * B.float() @ A.float()."""
 
+import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -8,7 +10,7 @@ import pytest
 import torch
 from helpers import HAS_CUDA, KERNEL_DEVICE, KERNEL_DTYPES, rel_err
 
-from reslora_kernels import fold_lora_, fold_report, functional, reference
+from reslora_kernels import fold, fold_lora_, fold_report, reference, set_backend
 
 ROOT = Path(__file__).resolve().parents[2]
 SHAPES = [(70, 72, 1), (17, 40, 16), (40, 24, 80), (24, 70, 130)]  # (N, K, R): odd sizes, multi-tile ranks
@@ -76,21 +78,23 @@ def test_triton_fold_llama_size(dtype):
 @pytest.mark.parametrize("shape", SHAPES + [(4096, 11008, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_extension_fold(dtype, shape):
-    extension, reason = functional._cuda_extension()
-    if extension is None:
-        pytest.skip(f"CUDA extension {reason}")
+    problem = fold.cuda_library_problem()
+    if problem is not None:
+        pytest.skip(f"CUDA C++ kernel {problem}")
     W, B, A = operands(*shape, dtype, "cuda")
-    out = extension.fold_lora_(W.clone(), B, A, 0.5)
+    target = W.clone()
+    out = torch.ops.reslora_kernels.fold_lora_(target, B, A, 0.5)
+    assert out is target  # in place
     check(out, W, B, A, 0.5)
 
 
 def test_dispatch_follows_the_backend_switch(monkeypatch):
     W, B, A = operands(8, 12, 4, torch.float32, "cpu")
-    assert functional.fold_backend(W) == "torch"
+    assert fold.fold_backend(W) == "torch"
     check(fold_lora_(W.clone(), B, A, 2.0), W, B, A, 2.0)
-    monkeypatch.setenv("RESLORA_BACKEND", "triton")
+    set_backend("fused")
     if KERNEL_DEVICE == "cpu":
-        assert functional.fold_backend(W) == "triton"
+        assert fold.fold_backend(W) == "triton"
         check(fold_lora_(W.clone(), B, A, 2.0), W, B, A, 2.0)
     assert "fold on CUDA tensors:" in fold_report()
 
@@ -124,3 +128,70 @@ def test_cuda_source_compiles(tmp_path):
         text=True,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_cuda_library_loading_records_why_it_does_not_run(tmp_path, monkeypatch):
+    """The CUDA kernel is loaded into the dispatcher on first use; where it cannot be, the reason is
+    kept and fold_report says it (a CPU machine: not built, or a library that does not load)."""
+    assert fold._load_cuda_library(None) == "not built (see setup.py: RESLORA_BUILD_CUDA)"
+    broken = tmp_path / "_C.so"
+    broken.write_bytes(b"not a shared object")
+    assert fold._load_cuda_library(str(broken)).startswith(f"failed to load {broken} (")
+    monkeypatch.setattr(fold, "LIBRARY_MODULE", "reslora_kernels._no_such_library")
+    fold.cuda_library_problem.cache_clear()
+    try:
+        assert fold_report().endswith("(CUDA C++ kernel not built (see setup.py: RESLORA_BUILD_CUDA))")
+        W, B, A = operands(8, 12, 4, torch.float32, "cpu")
+        assert fold.fold_backend(W) == "torch"
+    finally:
+        fold.cuda_library_problem.cache_clear()
+
+
+def test_cuda_binding_schema_is_what_python_calls():
+    """The schema csrc/fold_binding.cpp registers parses, in the namespace fold.py calls, with the
+    argument names and order of the Python call and weight marked as written in place."""
+    source = (ROOT / "csrc" / "fold_binding.cpp").read_text()
+    assert re.search(r"TORCH_LIBRARY_FRAGMENT\(reslora_kernels, m\)", source)
+    assert re.search(r'TORCH_LIBRARY_IMPL\(reslora_kernels, CUDA, m\) \{ m\.impl\("fold_lora_", &fold_lora_\); \}', source)
+    (text,) = re.findall(r'm\.def\("([^"]+)"\)', source)
+    schema = torch._C.parse_schema(f"reslora_kernels::{text}")
+    assert schema.name == "reslora_kernels::fold_lora_"
+    assert [(a.name, str(a.type)) for a in schema.arguments] == [
+        ("weight", "Tensor"), ("lora_B", "Tensor"), ("lora_A", "Tensor"), ("coef", "float"),
+    ]  # fmt: skip
+    assert schema.arguments[0].alias_info.is_write and not schema.arguments[1].alias_info
+    assert schema.returns[0].alias_info.is_write
+    assert "torch.ops.reslora_kernels.fold_lora_(weight, lora_B, lora_A, float(coef))" in (
+        ROOT / "reslora_kernels" / "fold.py"
+    ).read_text()
+
+
+def _cuda_include() -> Path | None:
+    """The CUDA toolkit's headers: $CUDA_HOME, torch's guess, beside nvcc, /usr/local/cuda."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    nvcc = shutil.which("nvcc")
+    homes = [os.environ.get("CUDA_HOME"), CUDA_HOME, nvcc and Path(nvcc).resolve().parents[1], "/usr/local/cuda"]
+    for home in homes:
+        if home and (Path(home) / "include" / "cuda_runtime.h").is_file():
+            return Path(home) / "include"
+    return None
+
+
+@pytest.mark.skipif(shutil.which("c++") is None or _cuda_include() is None, reason="needs a C++ compiler and CUDA headers")
+def test_cuda_binding_compiles(tmp_path):
+    """No GPU needed: the binding compiles against this torch's headers (a CPU build ships the
+    c10/cuda headers but not the one CMake generates for a CUDA build, written here as a CUDA
+    build of torch has it): the dispatcher registration type-checks the kernel's C++ signature."""
+    from torch.utils.cpp_extension import include_paths
+
+    generated = tmp_path / "c10" / "cuda" / "impl"
+    generated.mkdir(parents=True)
+    (generated / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    includes = [f"-I{p}" for p in include_paths()] + [f"-I{tmp_path}", f"-I{_cuda_include()}"]
+    result = subprocess.run(
+        ["c++", "-std=c++20", "-fsyntax-only", *includes, str(ROOT / "csrc" / "fold_binding.cpp")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]

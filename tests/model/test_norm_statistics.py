@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import ToyStack
 
-from reslora_kernels import merge_and_unload, merge_report, reslora_summary
+from reslora_kernels import merge_and_unload, merge_report, reslora_summary, set_backend
 
 BAD = {"inf": float("inf"), "nan": float("nan")}
 
@@ -34,7 +34,7 @@ def test_a_non_finite_norm_is_counted_not_recorded(mode, bad):
 
 
 def test_recording_runs_on_the_triton_interpreter_too(monkeypatch):
-    monkeypatch.setenv("RESLORA_BACKEND", "triton")
+    set_backend("fused")
     model = ToyStack(2, 16, "is", dtype=torch.float32).train()
     x = torch.randn(8, 16)
     model(x)

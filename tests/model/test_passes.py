@@ -12,7 +12,7 @@ import torch
 from helpers import ToyStack, oracle_params, rel_err
 from oracle import toy_stack
 
-from reslora_kernels import ChainOrderError, FusedResLoRALinear, link_chain
+from reslora_kernels import ChainOrderError, FusedResLoRALinear, backend, link_chain, set_backend
 
 MODES = ["none", "is", "bs", "ms"]
 
@@ -289,7 +289,13 @@ def test_a_bad_backend_setting_raises_before_the_pass_changes(monkeypatch):
     x = torch.randn(2, 6, dtype=torch.float64)
     model.blocks[0](x)
     pending = model.blocks[0].chain._eager.current
-    monkeypatch.setenv("RESLORA_BACKEND", "bogus")
+    # RESLORA_BACKEND=bogus in the environment the package was imported in:
+    monkeypatch.setattr(backend, "_DEFAULT", backend._environment_default("bogus"))
     with pytest.raises(ValueError, match="RESLORA_BACKEND='bogus'"):
+        model.blocks[0](x)
+    assert model.blocks[0].chain._eager.current is pending
+    # A backend that cannot run the input (the fused kernels have no float64).
+    set_backend("fused")
+    with pytest.raises(TypeError, match="the fused backend supports float16, bfloat16 and float32 inputs"):
         model.blocks[0](x)
     assert model.blocks[0].chain._eager.current is pending

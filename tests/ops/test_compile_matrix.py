@@ -5,7 +5,7 @@ The representative subset (``--subset ci``: every kernel x every config of its t
 targets, with the flags that need the most resources, in bfloat16 and float32/TF32, plus rank
 tile 64 and unaligned shapes in bfloat16) runs once per session in a subprocess, because the
 rest of the suite imports the kernels for Triton's interpreter, which builds nothing. The full
-matrix (``python -m reslora_kernels.ops.compile_matrix``) writes docs/compile_matrix.md.
+matrix (``python -m tools.compile_matrix``) writes docs/compile_matrix.md.
 """
 
 import json
@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("triton")
 from reslora_kernels.ops import _configs  # noqa: E402
-from reslora_kernels.ops import compile_matrix as cm  # noqa: E402
+from tools import compile_matrix as cm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,7 +32,7 @@ def matrix(tmp_path_factory):
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     start = time.time()
     done = subprocess.run(
-        [sys.executable, "-m", "reslora_kernels.ops.compile_matrix", "--subset", "ci", "--json", str(out)],
+        [sys.executable, "-m", "tools.compile_matrix", "--subset", "ci", "--json", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -8,7 +8,6 @@ tests skip).
 """
 
 import copy
-import importlib
 import os
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from helpers import KERNEL_DEVICE, bitsandbytes, float_bits
 pytest.importorskip("triton")
 
 from reslora_kernels import ops, reference  # noqa: E402
+from reslora_kernels.ops import _target, dequant_4bit_kernel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -228,7 +228,7 @@ def test_launcher_errors_name_the_problem():
 
 
 def test_empty_weight_launches_nothing():
-    with ops.capture() as launches:
+    with _target.capture() as launches:
         ops.dequant_4bit(
             torch.empty(0, dtype=torch.uint8), torch.empty(0), torch.zeros(16), out=torch.empty(0, 8), blocksize=64
         )
@@ -237,8 +237,7 @@ def test_empty_weight_launches_nothing():
 
 
 def test_autotune_keys_hold_every_flag_that_changes_the_build():
-    dequant_4bit = importlib.import_module("reslora_kernels.ops.dequant_4bit")
-    assert {"BLOCKSIZE", "NESTED", "NESTED_BLOCKSIZE", "EVEN_K"} <= set(dequant_4bit._dequant_4bit_kernel.keys)
+    assert {"BLOCKSIZE", "NESTED", "NESTED_BLOCKSIZE", "EVEN_K"} <= set(dequant_4bit_kernel._dequant_4bit_kernel.keys)
 
 
 # The build for a GPU runs without the interpreter, in a subprocess (this process imported the
@@ -246,7 +245,8 @@ def test_autotune_keys_hold_every_flag_that_changes_the_build():
 FMA_CHECK = textwrap.dedent(
     """
     import torch, triton
-    from reslora_kernels.ops import _target, compile_matrix as cm
+    from reslora_kernels.ops import _target
+    from tools import compile_matrix as cm
 
     scenario = next(s for s in cm._scenarios() if s.op == "dequant_4bit" and s.flags == "nested=1 even_k=1")
     for target in cm.TARGETS.values():

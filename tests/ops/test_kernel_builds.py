@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = r"""
 import json, re, sys
 import torch, triton
-from reslora_kernels.ops import _target, compile_matrix as cm
+from reslora_kernels.ops import _target
+from tools import compile_matrix as cm
 
 def loop_nested(ttir):
     # MLIR prints one region level per two spaces: a scf.for opened while another is open.

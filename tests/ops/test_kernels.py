@@ -5,7 +5,6 @@ tests run the compiled kernels and add bfloat16.
 """
 
 import contextlib
-import importlib
 
 import pytest
 import torch
@@ -22,13 +21,12 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from reslora_kernels import ops, reference  # noqa: E402
-from reslora_kernels.ops import _common, _configs, _jit  # noqa: E402
-
-# The op modules (the package namespace holds the launcher functions of the same names).
-linear_lora_fwd, linear_lora_dx, lora_down, lora_grad_A, lora_grad_out = (
-    importlib.import_module(f"reslora_kernels.ops.{name}")
-    for name in ("linear_lora_fwd", "linear_lora_dx", "lora_down", "lora_grad_A", "lora_grad_out")
-)
+from reslora_kernels.ops import _common, _configs, _jit, _target  # noqa: E402
+from reslora_kernels.ops import linear_lora_dx_kernel as linear_lora_dx  # noqa: E402
+from reslora_kernels.ops import linear_lora_fwd_kernel as linear_lora_fwd  # noqa: E402
+from reslora_kernels.ops import lora_down_kernel as lora_down  # noqa: E402
+from reslora_kernels.ops import lora_grad_A_kernel as lora_grad_A  # noqa: E402
+from reslora_kernels.ops import lora_grad_out_kernel as lora_grad_out  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("poison_empty")
 
@@ -261,7 +259,7 @@ def test_dropout_seed_errors():
 
 # ------------------------------------------------------------------ Hopper path and launch plans
 #: A Hopper as the launchers see it, with 3 SMs so that each persistent program walks several tiles.
-SMALL_HOPPER = ops.Target("small sm_90", 90, 3, 232448)
+SMALL_HOPPER = _target.Target("small sm_90", 90, 3, 232448)
 # (M, K, N, R) with K and N multiples of 16 (tensor descriptors need 16-byte strides): tails in
 # every dimension past the 32-wide interpreter tiles, and more tiles than programs.
 TMA_SHAPES = [(70, 48, 80, 8), (33, 96, 16, 130), (1, 16, 112, 1)]
@@ -277,14 +275,14 @@ def test_hopper_tma_kernels_in_the_interpreter(dtype, shape):
     x, W, b = rand(M, K, dtype=dtype), rand(N, K, dtype=dtype, scale=0.2), rand(N, dtype=dtype)
     u, B = rand(M, R, dtype=dtype), rand(N, R, dtype=dtype, scale=0.2)
     grad_out, g, A = rand(M, N, dtype=dtype), rand(M, R, dtype=torch.float32), rand(R, K, dtype=dtype, scale=0.2)
-    with ops.simulate(SMALL_HOPPER), ops.capture() as plan:
+    with _target.simulate(SMALL_HOPPER), _target.capture() as plan:
         ops.linear_lora_fwd(x, W, b, u, B, 1.5)
         ops.linear_lora_dx(grad_out, W, g, A, dropout_p=0.3, dropout_seed=seed(9), store_prev=True)
     assert [launch.kernel for launch in plan] == [
         linear_lora_fwd._linear_lora_fwd_tma_kernel,
         linear_lora_dx._linear_lora_dx_tma_kernel,
     ]
-    with ops.simulate(SMALL_HOPPER):
+    with _target.simulate(SMALL_HOPPER):
         y = ops.linear_lora_fwd(x, W, b, u, B, 1.5)
         dx, dx_prev = ops.linear_lora_dx(
             grad_out, W, g, A, input_scale=2.0, dropout_p=0.3, dropout_seed=seed(9), store_prev=True
@@ -336,16 +334,16 @@ def test_launch_plans_follow_the_target_and_alignment():
     M, K, N, R = 8192, 4096, 1024, 16
     x, W, u, B = _meta(M, K), _meta(N, K), _meta(M, R), _meta(N, R)
     for target, expected in [
-        (ops.H100, linear_lora_fwd._linear_lora_fwd_tma_kernel),
-        (ops.A100, linear_lora_fwd._linear_lora_fwd_kernel),
+        (_target.H100, linear_lora_fwd._linear_lora_fwd_tma_kernel),
+        (_target.A100, linear_lora_fwd._linear_lora_fwd_kernel),
     ]:
-        with ops.simulate(target), ops.capture() as plan:
+        with _target.simulate(target), _target.capture() as plan:
             ops.linear_lora_fwd(x, W, None, u, B, 1.0)
         (launch,) = plan
         assert launch.kernel is expected
         grid = launch.grid({"BLOCK_M": 128, "BLOCK_N": 128})
-        assert grid == ((min(target.sm_count, 64 * 8),) if target is ops.H100 else (64 * 8,))
-    with ops.simulate(ops.H100), ops.capture() as plan:
+        assert grid == ((min(target.sm_count, 64 * 8),) if target is _target.H100 else (64 * 8,))
+    with _target.simulate(_target.H100), _target.capture() as plan:
         ops.linear_lora_fwd(_meta(M, 1000), _meta(N, 1000), None, u, B, 1.0)
         ops.linear_lora_dx(_meta(M, N), _meta(N, 1000), _meta(M, R, dtype=torch.float32), _meta(R, 1000))
     assert [launch.kernel for launch in plan] == [
@@ -381,7 +379,7 @@ def test_block_minimums_come_from_the_config_table(monkeypatch):
         monkeypatch.setattr(lora_down, "_CONFIGS", configs)
         # The tables are constants of a process; the launch plans made from them are cached.
         monkeypatch.setattr(lora_down, "_PLANS", _common.PlanCache())
-        with ops.capture() as plan:
+        with _target.capture() as plan:
             ops.lora_down(_meta(M, K), _meta(R, K), compute_x_sqnorm=True)
         assert plan[0].kwargs["sqnorm_ptr"].shape == (triton.cdiv(M, block_m),)
     assert _configs.smallest([triton.Config({"BLOCK_M": 64}), triton.Config({"BLOCK_M": 16})], "BLOCK_M") == 16

@@ -8,7 +8,6 @@ a simulated GPU.
 """
 
 import gc
-import importlib
 import weakref
 
 import pytest
@@ -17,12 +16,12 @@ from helpers import KERNEL_DEVICE
 
 pytest.importorskip("triton")
 from reslora_kernels import ops  # noqa: E402
-from reslora_kernels.ops import _common  # noqa: E402
-
-fwd_mod, dx_mod, down_mod, grad_out_mod, grad_a_mod = (
-    importlib.import_module(f"reslora_kernels.ops.{name}")
-    for name in ("linear_lora_fwd", "linear_lora_dx", "lora_down", "lora_grad_out", "lora_grad_A")
-)
+from reslora_kernels.ops import _common, _target  # noqa: E402
+from reslora_kernels.ops import linear_lora_dx_kernel as dx_mod  # noqa: E402
+from reslora_kernels.ops import linear_lora_fwd_kernel as fwd_mod  # noqa: E402
+from reslora_kernels.ops import lora_down_kernel as down_mod  # noqa: E402
+from reslora_kernels.ops import lora_grad_A_kernel as grad_a_mod  # noqa: E402
+from reslora_kernels.ops import lora_grad_out_kernel as grad_out_mod  # noqa: E402
 ALL_PLANS = [fwd_mod._PLANS, dx_mod._PLANS, down_mod._PLANS, grad_out_mod._PLANS, grad_a_mod._PLANS]
 
 
@@ -44,7 +43,7 @@ def fwd_args(M=40, K=64, N=48, R=8, dtype=torch.float32):
 
 
 def capture_one(target, fn, *args, **kwargs):
-    with ops.simulate(target), ops.capture() as launches:
+    with _target.simulate(target), _target.capture() as launches:
         out = fn(*args, **kwargs)
     (launch,) = launches
     return launch, out
@@ -59,8 +58,8 @@ def test_a_repeated_call_reuses_its_plan_with_fresh_descriptors():
     """Same key twice: one plan; each call's descriptors are new objects on that call's tensors
     (inputs and the output it returns)."""
     first, second = fwd_args(), fwd_args()
-    launch1, y1 = capture_one(ops.H100, ops.linear_lora_fwd, *first, 1.5)
-    launch2, y2 = capture_one(ops.H100, ops.linear_lora_fwd, *second, 1.5)
+    launch1, y1 = capture_one(_target.H100, ops.linear_lora_fwd, *first, 1.5)
+    launch2, y2 = capture_one(_target.H100, ops.linear_lora_fwd, *second, 1.5)
     assert len(fwd_mod._PLANS) == 1
     assert launch1.kernel is launch2.kernel is fwd_mod._linear_lora_fwd_tma_kernel
     for name, (base1, base2) in {"x_desc": (first[0], second[0]), "w_desc": (first[1], second[1]),
@@ -77,7 +76,7 @@ def test_dx_descriptors_name_the_outputs_of_their_own_call():
     M, K, N, R = 40, 64, 48, 8
     for _ in range(2):
         launch, (dx, dx_prev) = capture_one(
-            ops.H100, ops.linear_lora_dx, t(M, N), t(N, K), t(M, R), t(R, K), store_prev=True
+            _target.H100, ops.linear_lora_dx, t(M, N), t(N, K), t(M, R), t(R, K), store_prev=True
         )
         assert launch.kwargs["dx_desc"].base is dx and launch.kwargs["dx_prev_desc"].base is dx_prev
         assert dx.data_ptr() != dx_prev.data_ptr()
@@ -89,8 +88,8 @@ def test_strides_make_their_own_plan():
     kernel: its own plan, with its own strides."""
     x, w, b, u, B = fwd_args()
     wide = t(x.shape[0], 2 * x.shape[1])
-    contiguous, _ = capture_one(ops.A100, ops.linear_lora_fwd, x, w, b, u, B, 1.0)
-    strided, _ = capture_one(ops.A100, ops.linear_lora_fwd, wide[:, ::2], w, b, u, B, 1.0)
+    contiguous, _ = capture_one(_target.A100, ops.linear_lora_fwd, x, w, b, u, B, 1.0)
+    strided, _ = capture_one(_target.A100, ops.linear_lora_fwd, wide[:, ::2], w, b, u, B, 1.0)
     assert len(fwd_mod._PLANS) == 2
     assert (contiguous.kwargs["stride_xm"], contiguous.kwargs["stride_xk"]) == (x.shape[1], 1)
     assert (strided.kwargs["stride_xm"], strided.kwargs["stride_xk"]) == (2 * x.shape[1], 2)
@@ -105,20 +104,20 @@ def test_alignment_makes_its_own_plan():
     aligned_x, shifted_x = buffer[: M * K].view(M, K), buffer[1:].view(M, K)
     assert aligned_x.stride() == shifted_x.stride() and shifted_x.data_ptr() % 16
     _, w, b, u, B = fwd_args(M, K, N, R)
-    first, _ = capture_one(ops.H100, ops.linear_lora_fwd, aligned_x, w, b, u, B, 1.0)
-    second, _ = capture_one(ops.H100, ops.linear_lora_fwd, shifted_x, w, b, u, B, 1.0)
+    first, _ = capture_one(_target.H100, ops.linear_lora_fwd, aligned_x, w, b, u, B, 1.0)
+    second, _ = capture_one(_target.H100, ops.linear_lora_fwd, shifted_x, w, b, u, B, 1.0)
     assert first.kernel is fwd_mod._linear_lora_fwd_tma_kernel
     assert second.kernel is fwd_mod._linear_lora_fwd_unaligned_kernel
     assert second.kwargs["x_ptr"] is shifted_x
     # And back: the aligned call still finds its TMA plan.
-    third, _ = capture_one(ops.H100, ops.linear_lora_fwd, aligned_x, w, b, u, B, 1.0)
+    third, _ = capture_one(_target.H100, ops.linear_lora_fwd, aligned_x, w, b, u, B, 1.0)
     assert third.kernel is fwd_mod._linear_lora_fwd_tma_kernel and len(fwd_mod._PLANS) == 2
 
 
 def test_dtype_makes_its_own_plan():
     """float32 without TF32 runs its dots in IEEE precision, float16 on tensor cores."""
-    first, _ = capture_one(ops.A100, ops.linear_lora_fwd, *fwd_args(dtype=torch.float32), 1.0)
-    second, _ = capture_one(ops.A100, ops.linear_lora_fwd, *fwd_args(dtype=torch.float16), 1.0)
+    first, _ = capture_one(_target.A100, ops.linear_lora_fwd, *fwd_args(dtype=torch.float32), 1.0)
+    second, _ = capture_one(_target.A100, ops.linear_lora_fwd, *fwd_args(dtype=torch.float16), 1.0)
     assert (first.kwargs["DOT_PRECISION"], second.kwargs["DOT_PRECISION"]) == ("ieee", "tf32")
     assert len(fwd_mod._PLANS) == 2
 
@@ -127,13 +126,13 @@ def test_target_makes_its_own_plan():
     """The same tensors planned for an H100 and an A100: TMA with one program per SM, then the
     pointer kernel with one program per tile."""
     args = fwd_args(M=256, K=64, N=256)
-    hopper, _ = capture_one(ops.H100, ops.linear_lora_fwd, *args, 1.0)
-    ampere, _ = capture_one(ops.A100, ops.linear_lora_fwd, *args, 1.0)
-    small = ops.Target("small sm_90", 90, 3, 232448)
+    hopper, _ = capture_one(_target.H100, ops.linear_lora_fwd, *args, 1.0)
+    ampere, _ = capture_one(_target.A100, ops.linear_lora_fwd, *args, 1.0)
+    small = _target.Target("small sm_90", 90, 3, 232448)
     small_hopper, _ = capture_one(small, ops.linear_lora_fwd, *args, 1.0)
     meta = {"BLOCK_M": 32, "BLOCK_N": 32}
     assert hopper.kernel is fwd_mod._linear_lora_fwd_tma_kernel and hopper.grid(meta) == (64,)
-    assert hopper.kwargs["NUM_SMS"] == ops.H100.sm_count
+    assert hopper.kwargs["NUM_SMS"] == _target.H100.sm_count
     assert ampere.kernel is fwd_mod._linear_lora_fwd_kernel and ampere.grid(meta) == (64,)
     assert "NUM_SMS" not in ampere.kwargs
     assert small_hopper.grid(meta) == (3,) and small_hopper.kwargs["NUM_SMS"] == 3
@@ -144,15 +143,15 @@ def test_global_switches_make_their_own_plans():
     """torch's TF32 switch changes float32 dots; deterministic mode changes the dB reduction."""
     M, N, R = 100, 48, 8
     args = (t(M, N), t(N, R), t(M, R), 0.5)
-    plain, _ = capture_one(ops.A100, ops.lora_grad_out, *args)
+    plain, _ = capture_one(_target.A100, ops.lora_grad_out, *args)
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        tf32, _ = capture_one(ops.A100, ops.lora_grad_out, *args)
+        tf32, _ = capture_one(_target.A100, ops.lora_grad_out, *args)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = False
     torch.use_deterministic_algorithms(True)
     try:
-        det, _ = capture_one(ops.A100, ops.lora_grad_out, *args)
+        det, _ = capture_one(_target.A100, ops.lora_grad_out, *args)
     finally:
         torch.use_deterministic_algorithms(False)
     assert (plain.kwargs["DOT_PRECISION"], tf32.kwargs["DOT_PRECISION"]) == ("ieee", "tf32")
@@ -171,7 +170,7 @@ def block_launches(shape, p, det, x_prev):
     seed = torch.tensor(3, device=KERNEL_DEVICE)
     torch.use_deterministic_algorithms(det)
     try:
-        with ops.simulate(ops.H100), ops.capture() as launches:
+        with _target.simulate(_target.H100), _target.capture() as launches:
             ops.lora_down(x, A, prev, dropout_p=p, dropout_seed=seed, compute_x_sqnorm=True)
             ops.linear_lora_fwd(x, w, b, u, B, 2.0)
             ops.lora_grad_out(grad_out, B, u, 2.0)
@@ -209,22 +208,22 @@ def test_a_warm_call_launches_what_a_cold_call_launches():
 
 def test_a_cached_plan_still_checks_new_inputs():
     x, w, b, u, B = fwd_args()
-    capture_one(ops.A100, ops.linear_lora_fwd, x, w, b, u, B, 1.0)
+    capture_one(_target.A100, ops.linear_lora_fwd, x, w, b, u, B, 1.0)
     with pytest.raises(ValueError, match=r"lora_B must be \[48, 8\]"):
-        with ops.simulate(ops.A100), ops.capture():
+        with _target.simulate(_target.A100), _target.capture():
             ops.linear_lora_fwd(x, w, b, u, t(48, 9), 1.0)
     with pytest.raises(TypeError, match="dtype mismatch: u is torch.float16"):
-        with ops.simulate(ops.A100), ops.capture():
+        with _target.simulate(_target.A100), _target.capture():
             ops.linear_lora_fwd(x, w, b, u.half(), B, 1.0)
     with pytest.raises(ValueError, match="dropout_p > 0 needs a dropout_seed"):
-        with ops.simulate(ops.A100), ops.capture():
+        with _target.simulate(_target.A100), _target.capture():
             ops.linear_lora_dx(t(40, 48), w, t(40, 8), t(8, 64), dropout_p=0.1)
 
 
 def test_a_plan_keeps_no_tensor_alive():
     """Descriptor templates hold shapes and strides, not the tensor they were made from."""
     x, w, b, u, B = fwd_args()
-    capture_one(ops.H100, ops.linear_lora_fwd, x, w, b, u, B, 1.0)
+    capture_one(_target.H100, ops.linear_lora_fwd, x, w, b, u, B, 1.0)
     refs = [weakref.ref(tensor) for tensor in (x, w, b, u, B)]
     del x, w, b, u, B
     gc.collect()
@@ -234,7 +233,7 @@ def test_a_plan_keeps_no_tensor_alive():
 def test_the_cache_is_bounded(monkeypatch):
     monkeypatch.setattr(_common, "PLAN_CACHE_SIZE", 3)
     for M in range(1, 7):
-        capture_one(ops.A100, ops.lora_grad_out, t(M, 48), t(48, 8), t(M, 8), 1.0)
+        capture_one(_target.A100, ops.lora_grad_out, t(M, 48), t(48, 8), t(M, 8), 1.0)
     assert len(grad_out_mod._PLANS) == 3
     assert sorted(key[0][0][0] for key in grad_out_mod._PLANS) == [4, 5, 6]  # the newest are kept
 

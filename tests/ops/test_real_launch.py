@@ -1,5 +1,5 @@
 """The real launch path without a GPU: tests/ops/real_launch/ on the fake GPU
-(``reslora_kernels.testing.fake_gpu``), in processes of their own.
+(``tools.fake_gpu``), in processes of their own.
 
 Everything a GPU run does except the launch itself runs there: Triton's autotuner with the package's
 pruning, real builds for sm_90a and sm_80 with the bundled ptxas, the loading of each binary, and
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from reslora_kernels.ops import H100, _target
+from reslora_kernels.ops import _target
+from reslora_kernels.ops._target import H100
 
 pytest.importorskip("triton")
 
@@ -66,7 +67,7 @@ def test_fake_gpu_suites(tmp_path):
 @pytest.mark.skipif(not _target.INTERPRETED, reason="this run builds the kernels for a GPU")
 def test_fake_gpu_refuses_interpreter_builds():
     """This process builds for the interpreter: a fake GPU here would launch nothing real."""
-    from reslora_kernels.testing.fake_gpu import fake_gpu
+    from tools.fake_gpu import fake_gpu
 
     assert _target.INTERPRETED
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET unset"), fake_gpu(H100):

@@ -33,8 +33,7 @@ def run_case(variant, mode, dropout=0.0, seed=3):
     "variant, dropout", [("composed", 0.0), ("fused", 0.0), ("auto", 0.0), ("composed", bench_lib.DROPOUT)]
 )
 @pytest.mark.parametrize("mode", bench_lib.MODES)
-def test_variants_compute_the_same(monkeypatch, mode, variant, dropout):
-    monkeypatch.setenv("RESLORA_BACKEND", "reference")  # the variants set it; restored afterwards
+def test_variants_compute_the_same(mode, variant, dropout):
     y_ref, grads_ref = run_case("reference", mode, dropout)
     y, grads = run_case(variant, mode, dropout)
     assert rel_err(y, y_ref) < 1e-5

@@ -6,17 +6,15 @@ binaries that never launch."""
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 import triton
 
-from reslora_kernels.ops import A100, H100, dequant_4bit, dequant_int8
-from reslora_kernels.testing.fake_gpu import fake_gpu
-
-DEQUANT_4BIT = importlib.import_module("reslora_kernels.ops.dequant_4bit")._dequant_4bit_kernel
-DEQUANT_INT8 = importlib.import_module("reslora_kernels.ops.dequant_int8")._dequant_int8_kernel
+from reslora_kernels.ops import dequant_4bit, dequant_int8
+from reslora_kernels.ops._target import A100, H100
+from reslora_kernels.ops.dequant_4bit_kernel import _dequant_4bit_kernel as DEQUANT_4BIT
+from reslora_kernels.ops.dequant_int8_kernel import _dequant_int8_kernel as DEQUANT_INT8
+from tools.fake_gpu import fake_gpu
 TARGETS = pytest.mark.parametrize("target", [H100, A100], ids=["sm_90a", "sm_80"])
 
 

@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from reslora_kernels.ops import A100, H100
-from reslora_kernels.testing.fake_gpu import ARG_CONSTEXPR, ARG_KERNEL, KernelArg, LaunchRejected, TensorMap, fake_gpu
+from reslora_kernels.ops._target import A100, H100
+from tools.fake_gpu import ARG_CONSTEXPR, ARG_KERNEL, KernelArg, LaunchRejected, TensorMap, fake_gpu
 
 
 @triton.jit

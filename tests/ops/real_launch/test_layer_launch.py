@@ -1,5 +1,5 @@
 """The public API on a fake H100 and A100: ``apply_reslora`` chains of every mode, trained (with and
-without dropout), evaluated and merged with ``RESLORA_BACKEND=fused``. Every launch goes through
+without dropout), evaluated and merged on the fused backend. Every launch goes through
 Triton's autotuner (or the pinned config), a real build for sm_90a / sm_80 and Triton's launcher,
 and the fake driver checks what CUDA would check; the tests assert which kernels each phase
 launched, with what grids and tensor maps. Outputs are garbage: nothing computes."""
@@ -13,9 +13,9 @@ import pytest
 import torch
 from models import EVAL, MERGE, PRECISIONS, TRAIN, Stack, on_hopper
 
-from reslora_kernels import FusedResLoRALinear, ResLoRAConfig, apply_reslora, merge_and_unload
-from reslora_kernels.ops import A100, H100
-from reslora_kernels.testing.fake_gpu import KernelLaunch, cpu_tensors_as_cuda, fake_gpu
+from reslora_kernels import FusedResLoRALinear, ResLoRAConfig, apply_reslora, merge_and_unload, set_backend
+from reslora_kernels.ops._target import A100, H100
+from tools.fake_gpu import KernelLaunch, cpu_tensors_as_cuda, fake_gpu
 
 LAYERS, TOKENS, RANK = 2, 64, 16
 
@@ -74,7 +74,7 @@ class Phases:
 def run_chain(chain: Chain, monkeypatch) -> Phases:
     """A training step with dropout, one without, an eval forward and the merge, on the fake GPU."""
     dtype, tf32 = PRECISIONS[chain.precision]
-    monkeypatch.setenv("RESLORA_BACKEND", "fused")
+    set_backend("fused")
     monkeypatch.setenv("RESLORA_TUNE", chain.tune)
     launches = {}
     with fake_gpu(chain.target) as gpu, cpu_tensors_as_cuda(), allow_tf32(tf32):

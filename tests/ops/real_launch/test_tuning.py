@@ -4,7 +4,6 @@ kernels against composed when the device is (faked) CUDA."""
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 import itertools
 
@@ -12,12 +11,12 @@ import pytest
 import torch
 from models import Stack
 
-from reslora_kernels import FusedBackendFailure, ResLoRAConfig, apply_reslora, backend, backend_report
-from reslora_kernels.ops import H100, _target, linear_lora_fwd, lora_down
-from reslora_kernels.testing.fake_gpu import cpu_tensors_as_cuda, fake_gpu
-
-DOWN = importlib.import_module("reslora_kernels.ops.lora_down")._lora_down_kernel
-FWD_TMA = importlib.import_module("reslora_kernels.ops.linear_lora_fwd")._linear_lora_fwd_tma_kernel
+from reslora_kernels import FusedBackendFailure, ResLoRAConfig, apply_reslora, backend, backend_report, set_backend
+from reslora_kernels.ops import _target, linear_lora_fwd, lora_down
+from reslora_kernels.ops._target import H100
+from reslora_kernels.ops.linear_lora_fwd_kernel import _linear_lora_fwd_tma_kernel as FWD_TMA
+from reslora_kernels.ops.lora_down_kernel import _lora_down_kernel as DOWN
+from tools.fake_gpu import cpu_tensors_as_cuda, fake_gpu
 M, K, R = 64, 128, 16
 
 
@@ -160,7 +159,7 @@ def test_auto_times_the_fused_kernels_on_the_gpu(monkeypatch):
 def test_a_fused_failure_under_auto_warns_and_composed_runs(monkeypatch):
     """A GPU too small for every config: the fused candidate raises while timed, auto runs composed,
     warns FusedBackendFailure once per key with the shape and the exception, and the report lists
-    it; RESLORA_BACKEND=fused raises the same error instead."""
+    it; the fused backend raises the same error instead."""
     tiny = dataclasses.replace(H100, name="H100 with 1 KiB of shared memory", max_shared=1024)
     monkeypatch.setattr(backend, "TUNER", backend.AutoTuner(timer=FakeTimer(fused=1.0, composed=2.0)))
     monkeypatch.setenv("RESLORA_TUNE", "pinned")
@@ -173,6 +172,6 @@ def test_a_fused_failure_under_auto_warns_and_composed_runs(monkeypatch):
             y = model(x)
         assert y.grad_fn is not None
         assert "FusedBackendFailure: the fused kernels failed for 1 key(s)" in backend_report()
-        monkeypatch.setenv("RESLORA_BACKEND", "fused")
+        set_backend("fused")
         with pytest.raises(RuntimeError, match="no config of _lora_down_kernel fits the 1024 B"):
             model(x)

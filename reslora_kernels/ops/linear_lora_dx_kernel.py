@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..dropout_mask import dropout_threshold
 from ._common import (
     PlanCache,
     aligned,
@@ -36,7 +37,7 @@ from ._common import (
 from ._configs import GEMM, GEMM_TMA, GEMM_UNALIGNED, gemm_configs
 from ._jit import grouped_tile, lora_grad_tile, tile_ptrs
 from ._target import autotune, launch, target_of, uses_tma
-from .dropout import dropout_args, dropout_threshold
+from .dropout_kernel import dropout_args
 
 KEY = ["M_BUCKET", "N", "K", "R_BUCKET", "BLOCK_R", "ONE_RANK_TILE", "DROPOUT", "STORE_PREV", "DOT_PRECISION"]
 

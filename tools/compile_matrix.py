@@ -2,12 +2,12 @@
 (sm_80) GPU on a machine that has neither.
 
 It drives the real launchers (``reslora_kernels.ops``) on ``meta`` tensors with the GPU target
-simulated (:func:`~reslora_kernels.ops.simulate`) and the launches captured
-(:func:`~reslora_kernels.ops.capture`), so it builds exactly what the launchers would launch:
+simulated (:func:`~reslora_kernels.ops._target.simulate`) and the launches captured
+(:func:`~reslora_kernels.ops._target.capture`), so it builds exactly what the launchers would launch:
 the kernel they pick (the Hopper TMA kernels on sm_90a), their arguments and specialisation, and
 every config of the kernel's own table. Each build runs Triton's whole pipeline and the bundled
 ``ptxas``; from it come the shared memory (``metadata.shared``), registers and stack frame (spills)
-of the real binary (``cuobjdump -res-usage``), the instruction mix of the PTX (``wgmma.mma_async``,
+of the real binary (``cuobjdump -res-usage``, :mod:`tools.resources`), the instruction mix of the PTX (``wgmma.mma_async``,
 ``cp.async.bulk.tensor``) and the TTIR's address arithmetic.
 
 Checks (``Launch.problems``): every config compiles; the launcher's per-target pruning
@@ -16,8 +16,8 @@ the target's shared memory; no offered 16-bit config spills (so each 16-bit laun
 that does not); the GEMM kernels use wgmma (and TMA) on sm_90a; no 32-bit product of an index and a
 stride (offsets that pass 2^31 elements would wrap).
 
-``python -m reslora_kernels.ops.compile_matrix`` runs the full matrix and writes
-docs/compile_matrix.md; ``--subset ci`` is the representative subset tests/test_compile_matrix.py
+``python -m tools.compile_matrix`` (from the repository root) runs the full matrix and writes
+docs/compile_matrix.md; ``--subset ci`` is the representative subset tests/ops/test_compile_matrix.py
 runs. It needs ``TRITON_INTERPRET`` unset (the interpreter builds nothing).
 """
 
@@ -41,10 +41,11 @@ from typing import Callable
 import torch
 import triton
 
-from ..testing.fake_gpu import SimulatedDriver as _SimulatedDriver
-from ..testing.fake_gpu import resource_usage
-from . import _target
-from ._target import A100, H100
+from reslora_kernels.ops import _target
+from reslora_kernels.ops._target import A100, H100
+
+from .fake_gpu import SimulatedDriver as _SimulatedDriver
+from .resources import int32_stride_products, resource_usage
 
 TARGETS = {"sm_90a": H100, "sm_80": A100}
 #: Kernels that must run on wgmma (and load through TMA) on sm_90a: the two big GEMMs.
@@ -139,7 +140,7 @@ def _seed(dropout: bool):
 
 
 def _scenarios() -> list[Scenario]:
-    from . import (
+    from reslora_kernels.ops import (
         dequant_4bit,
         dequant_int8,
         dropout_keep_mask,
@@ -283,37 +284,6 @@ def tasks(subset: str) -> list[tuple[str, int, str, str]]:
 
 
 # ---------------------------------------------------------------------------------- building
-_TTIR_OP = re.compile(r"^\s*(%[\w.#:]+)\s*=\s*([\w.]+)\s+(.*)$")
-_PROPAGATING = ("tt.splat", "tt.broadcast", "tt.expand_dims", "tt.reshape", "ttg.convert_layout", "arith.")
-
-
-def int32_stride_products(ttir: str) -> list[str]:
-    """Names of the ``stride_*`` arguments that some 32-bit ``arith.muli`` multiplies (directly or
-    through splats, broadcasts and other arithmetic): such a product wraps once an offset passes
-    2^31 elements. Offsets must be formed in int64 (``tile_ptrs``)."""
-    signature = re.search(r"tt\.func\s+(?:public\s+)?@\w+\((.*?)\)\s*attributes", ttir, re.S)
-    if signature is None:
-        raise ValueError("no tt.func signature in the TTIR")
-    derived = {}
-    for name in re.findall(r"(%stride_\w+):\s*i\d+", signature.group(1)):
-        derived[name] = name
-    flagged = set()
-    for line in ttir.splitlines():
-        match = _TTIR_OP.match(line)
-        if match is None:
-            continue
-        result, op, rest = match.groups()
-        operands, _, result_type = rest.partition(" : ")
-        sources = {derived[o] for o in re.findall(r"%[\w.#]+", operands) if o in derived}
-        if not sources:
-            continue
-        if op == "arith.muli" and re.search(r"(?<![\w])i32\b|xi32>", result_type.split(" loc(")[0]):
-            flagged |= sources
-        if op.startswith(_PROPAGATING):
-            derived[result.split(":")[0]] = sorted(sources)[0]
-    return sorted(flagged)
-
-
 def _config_label(config: triton.Config) -> str:
     blocks = "x".join(str(v) for k, v in config.kwargs.items() if k.startswith("BLOCK"))
     return f"{blocks} w{config.num_warps} s{config.num_stages}"
@@ -454,7 +424,7 @@ def to_markdown(runs: dict[str, tuple[str, list[Launch]]], command: str) -> str:
         "",
         "Every kernel x every config of its table x precision x the flag combinations the launchers",
         "pass x {sm_90a (H100, 232448 B shared memory per block), sm_80 (A100, 166912 B)}, built by the",
-        "real launchers with the target simulated (`reslora_kernels/ops/compile_matrix.py`).",
+        "real launchers with the target simulated (`tools/compile_matrix.py`).",
         "",
         "Columns: **offered** = the launcher's per-target pruning keeps the config (it fits the",
         "shared memory and, unless every config spills, does not spill); **regs** = registers per",
@@ -542,8 +512,8 @@ def main(argv: list[str] | None = None) -> int:
             runs[data["triton"]] = (data.get("subset", "full"), from_json(data))
         runs = dict(sorted(runs.items(), key=lambda kv: [int(p) for p in re.findall(r"\d+", kv[0])[:3]]))
         command = (
-            "python -m reslora_kernels.ops.compile_matrix --json results-TRITON.json` (once per Triton "
-            "version), then `python -m reslora_kernels.ops.compile_matrix --render-only --merge "
+            "python -m tools.compile_matrix --json results-TRITON.json` (once per Triton "
+            "version), then `python -m tools.compile_matrix --render-only --merge "
             "results-*.json --markdown docs/compile_matrix.md"
         )
         args.markdown.write_text(to_markdown(runs, command))

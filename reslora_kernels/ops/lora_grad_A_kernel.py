@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..dropout_mask import dropout_threshold
 from ._common import (
     PlanCache,
     aligned,
@@ -26,7 +27,7 @@ from ._common import (
 from ._configs import ROWS, ROWS_UNALIGNED, smallest, tile_configs
 from ._jit import lora_input_tile, tile_ptrs
 from ._target import autotune, launch, target_of
-from .dropout import dropout_args, dropout_threshold
+from .dropout_kernel import dropout_args
 
 KEY = ["M_BUCKET", "K", "R_BUCKET", "BLOCK_R", "SPLIT_M", "HAS_PREV", "DROPOUT", "DETERMINISTIC", "DOT_PRECISION"]
 

@@ -1,5 +1,5 @@
 """Dropout masks regenerated wherever they are needed and never stored: the Triton port of
-:func:`reslora_kernels.reference.dropout_keep_mask`, bit for bit.
+:func:`reslora_kernels.dropout_mask.dropout_keep_mask`, bit for bit, with its constants.
 
 Element ``(m, k)`` of the ``[M, K]`` LoRA input (``m`` the flattened row) is kept when::
 
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import COLUMN_SALT, MIX_MUL_1, MIX_MUL_2
+from ..dropout_mask import COLUMN_SALT, MIX_MUL_1, MIX_MUL_2, dropout_threshold
 from ._common import cdiv
 from ._target import launch
 
@@ -32,11 +32,6 @@ from ._target import launch
 _MUL_1 = tl.constexpr(MIX_MUL_1)
 _MUL_2 = tl.constexpr(MIX_MUL_2)
 _SALT = tl.constexpr(COLUMN_SALT)
-
-
-def dropout_threshold(p: float) -> int:
-    """The 31-bit threshold of :func:`keep_mask` for drop probability ``p`` (as the reference)."""
-    return min(int(p * 2**31), 2**31 - 1)
 
 
 @triton.jit
@@ -136,7 +131,7 @@ def dropout_keep_mask(
     shape: torch.Size | tuple[int, ...], p: float, seed: int | torch.Tensor, device: torch.device | str
 ) -> torch.Tensor:
     """The keep-mask the fused kernels apply to a LoRA input of ``shape`` (leading dims
-    flattened): same signature and same bits as :func:`reslora_kernels.reference.dropout_keep_mask`.
+    flattened): same signature and same bits as :func:`reslora_kernels.dropout_mask.dropout_keep_mask`.
     For tests and debugging; the kernels themselves never materialise it."""
     shape = tuple(shape)
     K = shape[-1] if shape else 1

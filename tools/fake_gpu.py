@@ -30,10 +30,7 @@ import contextlib
 import dataclasses
 import itertools
 import re
-import subprocess
-import tempfile
 import zlib
-from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -42,8 +39,10 @@ import triton.backends.nvidia.driver as nvidia
 from triton.backends.compiler import GPUTarget
 from triton.backends.driver import DriverBase
 
-from ..ops import _target
-from ..ops._target import Target
+from reslora_kernels.ops import _target
+from reslora_kernels.ops._target import Target
+
+from .resources import resource_usage
 
 __all__ = [
     "LaunchRejected",
@@ -57,7 +56,6 @@ __all__ = [
     "FakeGPU",
     "fake_gpu",
     "cpu_tensors_as_cuda",
-    "resource_usage",
 ]
 
 INT_MAX = 2**31 - 1
@@ -77,22 +75,6 @@ _CLOCKS = {90: (1980000, 2619000, 5120), 80: (1410000, 1215000, 5120)}
 class LaunchRejected(RuntimeError):
     """What the CUDA driver would refuse: an error return of ``cuTensorMapEncodeTiled`` or
     ``cuLaunchKernelEx``. The message names the rule."""
-
-
-def resource_usage(cubin: bytes, name: str | None = None) -> tuple[int, int]:
-    """``(registers, stack bytes)`` per thread of kernel ``name`` (default: the first) of a cubin,
-    read by the ``cuobjdump`` that ships with Triton's NVIDIA backend. The package's kernels keep
-    no local arrays, so stack bytes are register spills."""
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    found = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+)", out)
-    for function, registers, stack in found:
-        if name is None or function == name:
-            return int(registers), int(stack)
-    raise RuntimeError(f"cuobjdump printed no resource usage{f' for {name}' if name else ''}: {out[:300]}")
 
 
 def _max_threads(registers: int) -> int:
@@ -751,7 +733,7 @@ def fake_gpu(
     spills: Callable[[LoadedKernel], int] | None = None,
 ) -> Iterator[FakeGPU]:
     """Make a fake ``target`` GPU (:class:`FakeGPU`) Triton's active driver, and plan every launch
-    for it (:func:`reslora_kernels.ops.simulate`). Autotuning starts afresh on entry and is
+    for it (:func:`reslora_kernels.ops._target.simulate`). Autotuning starts afresh on entry and is
     forgotten on exit. The kernels must have been built for a GPU (``TRITON_INTERPRET`` unset
     when reslora_kernels was imported)."""
     if _target.INTERPRETED:
@@ -777,11 +759,11 @@ def fake_gpu(
 
 @contextlib.contextmanager
 def cpu_tensors_as_cuda() -> Iterator[None]:
-    """The backend switch treats CPU tensors as CUDA tensors: ``RESLORA_BACKEND=fused`` accepts
+    """The backend switch treats CPU tensors as CUDA tensors: the fused backend accepts
     them, and ``auto`` times fused against composed on them (with :func:`fake_gpu`, the fused
     candidate then runs on the fake GPU)."""
-    from .. import backend
-    from ..dtypes import KERNEL_DTYPES
+    from reslora_kernels import backend
+    from reslora_kernels.dtypes import KERNEL_DTYPES
 
     original = backend.fused_unavailable
 

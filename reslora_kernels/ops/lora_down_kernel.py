@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..dropout_mask import dropout_threshold
 from ._common import (
     PlanCache,
     aligned,
@@ -28,7 +29,7 @@ from ._common import (
 from ._configs import ROWS, ROWS_UNALIGNED, smallest, tile_configs
 from ._jit import lora_input_tile, tile_ptrs
 from ._target import autotune, launch, target_of
-from .dropout import dropout_args, dropout_threshold
+from .dropout_kernel import dropout_args
 
 # Every flag that changes the build is in the key: an is-chain's block 0 (no x_prev) must not
 # hand its tuned config to block 1 (x_prev, twice the shared memory).
