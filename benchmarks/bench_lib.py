@@ -214,7 +214,7 @@ def peak_bytes(fn: Callable[[], object]) -> int | None:
 
 # ---------------------------------------------------------------------------- results
 class Results:
-    """Rows of one benchmark session; written as JSON at the end of the session."""
+    """Rows of one benchmark run; written as JSON at the end of the pytest run."""
 
     def __init__(self) -> None:
         self.rows: list[dict] = []

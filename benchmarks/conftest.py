@@ -1,4 +1,4 @@
-"""Benchmark session plumbing: one Results object per session, written as JSON and printed as
+"""Benchmark run plumbing: one Results object per pytest run, written as JSON and printed as
 tables at the end. ``RESLORA_BENCH_OUT`` overrides the output folder (default
 benchmarks/results/); every run writes a new file, none is overwritten."""
 

@@ -5,7 +5,7 @@ priority order, within a global deadline, and leaves a log and one results file 
         python benchmarks/gpu_check.py --commit <the commit's hash> --out $OUT
 
 (the device machine's copy of the tree has no .git: ``--commit`` names the commit in the results;
-benchmarks/NOTES.md explains the command, the stages' time budgets and the files).
+benchmarks/README.md, "GPU check", explains the command, the stages' time budgets and the files).
 
 Stages (each is recorded as passed, failed or skipped, with its time; a stage that would not
 finish before the deadline is skipped, and a failure never stops the stages after it):
@@ -28,7 +28,8 @@ process. Files under ``--out`` (at most 7, the device tool returns 8):
 
     gpu_check.log       everything, subprocess outputs included
     results.json        benchmarks/report.py's format (environment, rows, ratios) plus ``check``
-                        and ``stages``: ``python benchmarks/report.py results.json --readme README.md``
+                        and ``stages``: ``python benchmarks/report.py results.json --readme
+                        benchmarks/README.md``
     sanitizer.txt       compute-sanitizer's output and error summary
     pytest_bf16.txt     the bf16 GPU tests' output
     gpu_test_log.json   tests/conftest.py's GPU test log (GPU runs only)

@@ -1,7 +1,7 @@
 """Tables, target ratios and a chart from benchmark results files (written by the suites).
 
     python benchmarks/report.py benchmarks/results/<device>-<time>.json         # print the tables
-    python benchmarks/report.py RESULTS.json --readme README.md --chart out.png  # regenerate both
+    python benchmarks/report.py RESULTS.json --readme benchmarks/README.md --chart out.png  # regenerate both
 
 Several files of one device and commit (e.g. suites run in separate processes) can be given;
 their rows are combined, and every ratio still compares numbers measured in the same process.
@@ -16,8 +16,10 @@ from pathlib import Path
 
 README_START = "<!-- benchmark-results:start -->"
 README_END = "<!-- benchmark-results:end -->"
+#: The page whose generated results section ``--readme`` rewrites.
+README = "benchmarks/README.md"
 
-# metric -> (comparison, target): docs/design.md section 12 and the targets of issues 6 (GPU) and 12.
+# metric -> (comparison, target): the targets of benchmarks/README.md.
 TARGETS = {
     "fused / frozen, fwd+bwd": ("<=", 1.05),
     "PEFT (fp32 adapter) / fused, fwd+bwd": (">=", 1.25),
@@ -349,7 +351,7 @@ def update_readme(readme: Path, text: str, source: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", type=Path, help="results JSON file(s) of one device and commit")
-    parser.add_argument("--readme", type=Path, help="replace the generated section of this README")
+    parser.add_argument("--readme", type=Path, help=f"replace the generated section of this page ({README})")
     parser.add_argument("--chart", type=Path, help="write the PNG chart here")
     parser.add_argument("--combined", type=Path, help="write the combined results JSON here")
     args = parser.parse_args(argv)

@@ -1,5 +1,5 @@
 """One layer, forward+backward and forward-only, every variant side by side and interleaved round
-by round (docs/design.md section 12); with the bytes each variant saves for backward and its peak memory.
+by round (benchmarks/README.md, Method); with the bytes each variant saves for backward and its peak memory.
 
 GPU: M = 8192 tokens, LLaMA-7B projections 4096->4096, 4096->11008, 11008->4096 at r = 16, and
 4096->4096 at r = 64, bf16. CPU: float32, the MLP projections of the e2e suite's model at 2048 tokens, where the GEMMs,

@@ -2,7 +2,7 @@
 sentiment, every mode with the same seeds, steps and data order, and see what each merge keeps.
 
     pip install -e ".[examples]"
-    python examples/compare_modes.py --threads 1  # the committed experiment (its time: see README)
+    python examples/compare_modes.py --threads 1  # the committed experiment (its time: see examples/README.md)
     python examples/compare_modes.py --quick      # seconds of training: what CI runs so the example cannot rot
 
 Every mode (plain LoRA ``none``, and ``is``, ``bs``, ``ms``) runs at every learning rate of one shared
@@ -19,7 +19,7 @@ with ``lstsq`` (calibrated on training batches), and evaluated on the held-out t
 
 Writes ``compare_modes.json`` (versions, git commit, settings, per-step training loss, accuracies)
 and ``compare_modes.png`` (training-loss curves, held-out accuracy per mode, the learning-rate
-sweep) to ``--out``; ``examples/compare_report.py`` makes the README's table from the JSON.
+sweep) to ``--out``; ``examples/compare_report.py`` makes examples/README.md's table from the JSON.
 """
 
 from __future__ import annotations

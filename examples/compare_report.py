@@ -1,7 +1,8 @@
 """The table, the remarks and the plot of ``examples/compare_modes.py``, made from its results JSON.
 
     python examples/compare_report.py examples/results/compare_modes.json                     # print the table
-    python examples/compare_report.py examples/results/compare_modes.json --readme README.md  # rewrite README's
+    python examples/compare_report.py examples/results/compare_modes.json --readme examples/README.md \
+        --earlier examples/results/second_run_lora_lr_only.json --earlier examples/results/first_run_100_steps.json
     python examples/compare_report.py examples/results/compare_modes.json --png out.png       # redraw the plot
 
 Nothing here is typed in: every number comes from the JSON, so README and results cannot disagree. The
@@ -14,12 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import posixpath
 import statistics
 from pathlib import Path
 
 README_START = "<!-- example-results:start -->"
 README_END = "<!-- example-results:end -->"
 IMAGE = "examples/results/compare_modes.png"
+#: The page whose results section this writes; the plot is linked relative to it.
+README = "examples/README.md"
+BENCHMARKS = "benchmarks/README.md"  # the method and the timings, linked from the findings
 DIRTY = " with uncommitted changes"
 COLORS = {"none": "black", "is": "tab:blue", "bs": "tab:orange", "ms": "tab:green"}
 
@@ -501,7 +506,7 @@ def findings(results: dict, earlier: dict[str, dict] | None = None) -> list[str]
         f"({s['steps'] * s['batch_size'] / n_train * 100:.0f}% of one epoch), {seeds} seeds, r = {s['rank']}, CPU "
         f"only, on a {results['versions']['cpu_count']}-core machine{shared}{cost}: nothing here speaks "
         "for larger models, longer training or the paper's tasks, and no timing in it means anything for speed "
-        "(see Benchmarks)."
+        f"([benchmarks/README.md]({posixpath.relpath(BENCHMARKS, posixpath.dirname(README))}))."
     )
     for file, then in (earlier or {}).items():
         lrs = then["settings"].get("lr_sweep") or []
@@ -654,10 +659,11 @@ def plot(results: dict, path: Path) -> None:
 
 # ----------------------------------------------------------------------------- README
 def readme_block(results: dict, earlier: dict[str, dict] | None = None) -> str:
-    """README's results section: the plot, :func:`markdown` and :func:`findings` (``earlier``: ``{file
+    """The results section: the plot, :func:`markdown` and :func:`findings` (``earlier``: ``{file
     name: results}`` of earlier runs kept beside this one)."""
+    image = posixpath.relpath(IMAGE, posixpath.dirname(README))
     shows = findings(results, earlier)
-    text = f"{README_START}\n![ResLoRA vs LoRA on tweet sentiment]({IMAGE})\n\n{markdown(results)}"
+    text = f"{README_START}\n![ResLoRA vs LoRA on tweet sentiment]({image})\n\n{markdown(results)}"
     if shows:
         text += "\n### What this shows, and what it does not\n\n" + "\n".join(shows) + "\n"
     return text + README_END
@@ -675,7 +681,7 @@ def update_readme(readme: Path, results: dict, earlier: dict[str, dict] | None =
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", type=Path)
-    parser.add_argument("--readme", type=Path, help="rewrite this README's example-results section")
+    parser.add_argument("--readme", type=Path, help=f"rewrite the example-results section of this page ({README})")
     parser.add_argument("--png", type=Path, help="draw the plot here")
     parser.add_argument(
         "--earlier", type=Path, action="append", default=[], help="an earlier run's results, compared in the README"

@@ -24,7 +24,7 @@ gradient flags worked out in one place. Its forward and backward bodies are also
 Python body for every device, a fake for tracing): ``torch.compile`` traces the Function and keeps
 each op as one opaque node, so there is no graph break at the launchers' Python (autotuners,
 allocation, grids). Eager calls run the bodies directly: the dispatcher's round trip through Python
-costs more than a launcher (benchmarks/NOTES.md, "Host overhead"; docs/design.md section 6).
+costs more than a launcher (benchmarks/README.md, "Host overhead"; docs/design.md section 6).
 
 The base weight is one operand, ``weight [N, K]``, read through :func:`_dense_weight` in forward and
 again in backward: the one place a quantized base will dequantize its packed data (the operand then
@@ -181,7 +181,7 @@ class FusedResLoRAFunction(torch.autograd.Function):
 
     Under ``torch.compile`` (Dynamo traces this Function) forward and backward call the registered
     ops, which the graph keeps as opaque nodes; eager calls run the same bodies without the
-    dispatcher's round trip through Python, ~10 us per block (benchmarks/NOTES.md, "Host overhead")."""
+    dispatcher's round trip through Python, ~14 us per block (benchmarks/README.md, "Host overhead after the dispatch seam")."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, x_prev, z_prev, seed, scalars):

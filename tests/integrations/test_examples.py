@@ -1,5 +1,5 @@
 """The examples cannot rot: both scripts run in their --quick form and write what they promise, and
-the README's results section is what examples/compare_report.py makes from the committed JSON."""
+examples/README.md's results section is what examples/compare_report.py makes from the committed JSON."""
 
 import json
 import math
@@ -121,16 +121,16 @@ def test_trainer_recipe_quick_saves_adapter_and_merges(tmp_path):
 def test_readme_results_are_generated_from_the_committed_json():
     results = json.loads(RESULTS.read_text())
     earlier = {path.name: json.loads(path.read_text()) for path in EARLIER}
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / report.README).read_text()
     start, end = readme.index(report.README_START), readme.index(report.README_END) + len(report.README_END)
     assert readme[start:end] == report.readme_block(results, earlier), (
-        "README's example results differ from the committed JSON: "
-        "python examples/compare_report.py examples/results/compare_modes.json --readme README.md "
+        f"{report.README}'s example results differ from the committed JSON: "
+        f"python examples/compare_report.py examples/results/compare_modes.json --readme {report.README} "
         + " ".join(f"--earlier {path.relative_to(ROOT)}" for path in EARLIER)
     )
     assert all(f"--earlier {path.relative_to(ROOT)}" in readme for path in EARLIER)
     # What the results show is generated too: no hand-written section repeats (and could contradict) them.
-    assert readme.count("### What this shows, and what it does not") == 1
+    assert readme.count("What this shows, and what it does not") == 1
     assert "### What this shows, and what it does not" in readme[start:end]
 
 
@@ -199,20 +199,49 @@ def test_committed_results_are_a_full_run():
 
 
 def test_readme_trainer_and_trl_lines_compile_and_name_the_public_api():
-    import reslora_kernels
-    import reslora_kernels.trainer
-
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### Trainer and TRL") : readme.index("### Which layers")]
+    section = readme[readme.index("### Trainer and TRL") : readme.index("\n## ", readme.index("### Trainer and TRL"))]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert len(blocks) == 2  # the Trainer recipe and the TRL recipe
     for code in blocks:
         compile(code, "README.md", "exec")
-        for module, names in re.findall(r"from (reslora_kernels[\w.]*) import (.*)", code):
-            for name in (n.split("#")[0].strip() for n in names.split("#")[0].split(",")):
-                assert hasattr(sys.modules[module], name), f"{module}.{name}"
+        _assert_imports_exist(code)
     assert "ResLoRATrainer(" in blocks[0] and "resume_from_checkpoint=" in blocks[0]
     assert "ref_model=AdapterDisabled(policy)" in blocks[1]
+    assert "](docs/training.md)" in section
+
+
+def _assert_imports_exist(code: str) -> None:
+    """Every name a ``from reslora_kernels[...] import`` line of ``code`` imports exists there."""
+    import importlib
+
+    found = re.findall(r"from (reslora_kernels[\w.]*) import (.*)", code)
+    assert found, "no reslora_kernels import"
+    for module, names in found:
+        for name in (n.strip() for n in names.split("#")[0].split(",")):
+            assert hasattr(importlib.import_module(module), name), f"{module}.{name}"
+
+
+def test_examples_readme_trainer_lines_compile_and_name_the_public_api():
+    readme = (ROOT / report.README).read_text()
+    section = readme[readme.index("## With transformers.Trainer") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    compile(code, report.README, "exec")
+    _assert_imports_exist(code)
+    assert "ResLoRATrainer" in code and 'task_type="SEQ_CLS"' in code  # what examples/trainer_recipe.py does
+    # What the findings call "Benchmarks" is a link that resolves from the page they are written into.
+    assert "](../benchmarks/README.md)" in readme
+
+
+# ----------------------------------------------------------------------------- the helpers
+def test_stratified_split_is_exact_disjoint_and_proportional():
+    labels = [0] * 500 + [1] * 300 + [2] * 200
+    splits = tweets.stratified_split(labels, {"test": 101, "val": 50}, seed=3)
+    assert len(splits["test"]) == 101 and len(splits["val"]) == 50 and len(splits["train"]) == 849
+    assert set(splits["test"]).isdisjoint(splits["val"]) and set(splits["test"]).isdisjoint(splits["train"])
+    assert sorted(splits["test"] + splits["val"] + splits["train"]) == list(range(1000))
+    assert [labels[i] for i in splits["test"]].count(0) in (50, 51)
+    assert splits == tweets.stratified_split(labels, {"test": 101, "val": 50}, seed=3)
 
 
 def test_stratified_split_refuses_to_leave_no_training_data():

@@ -40,8 +40,14 @@ def test_peft_round_trip(tmp_path, mode, pre_num, method):
             model(torch.randint(0, 64, (2, 8)))
     calibration = [torch.randint(0, 64, (2, 8)) for _ in range(4)] if method == "lstsq" else None
 
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = [(n, type(m)) for n, m in model.named_modules()]
     export_peft_adapter(model, tmp_path, method, calibration=calibration)
-    assert any(isinstance(m, FusedResLoRALinear) for m in model.modules()), "export must not merge the model"
+    # The model is not changed: no merge, same tensors (merge statistics included), same mode.
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert model.training
     merged = merge_and_unload(copy.deepcopy(model), method, calibration=calibration)
     peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
     ids = torch.randint(0, 64, (2, 9))

@@ -9,7 +9,7 @@ import torch.nn as nn
 from helpers import ToyStack, oracle_params, rel_err
 from oracle import depth, merged_weight
 
-from reslora_kernels import FusedResLoRALinear, ResLoRAConfig, apply_reslora, merge_and_unload
+from reslora_kernels import FusedResLoRALinear, ResLoRAConfig, apply_reslora, merge_and_unload, merge_report
 
 
 def no_reslora_left(model):
@@ -148,6 +148,10 @@ def test_merge_single_layer_and_errors():
     assert rel_err(linear(x), expected) < 1e-12
     with pytest.raises(ValueError, match="no ResLoRA layers to merge"):
         merge_and_unload(nn.Sequential(nn.Linear(3, 3)))
+    with pytest.raises(ValueError, match="no ResLoRA layers to merge"):
+        merge_report(nn.Sequential(nn.Linear(3, 3)), [torch.randn(2, 3)])
+    with pytest.raises(ValueError, match="no merge method to report"):
+        merge_report(nn.Sequential(FusedResLoRALinear(6, 4, mode="none")), [torch.randn(2, 6)], methods=[])
 
 
 def test_tied_weight_refuses_to_merge():

@@ -150,7 +150,7 @@ def test_layerdrop_never_gives_a_silent_result(mode, pre_num):
 
 
 def test_skipped_first_block_in_the_next_call_raises():
-    """The issue's minimal case: block 0 runs on a in one call, the next call skips block 0 and
+    """The smallest stale read: block 0 runs on a in one call, the next call skips block 0 and
     runs block 1 on b. Block 1 must not read a."""
     model = LayerDropStack(3, 6, "is", drop=0.5)
     a, b = torch.randn(2, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)

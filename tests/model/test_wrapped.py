@@ -106,6 +106,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             # Per rank: the adapters agree across ranks, the norm statistics are each rank's own.
             torch.save(adapters(model), out / f"fsdp_expected_rank{rank}.pt")
         _expect_error(lambda: merge_and_unload(fsdp), "sharded by FSDP")
+        _expect_error(lambda: merge_report(fsdp, [PROBE]), "sharded by FSDP")
         _expect_error(lambda: load_reslora(fsdp, out / f"fsdp_rank{rank}"), "load ResLoRA before sharding")
 
         # FSDP2 (fully_shard): parameters are DTensors.

@@ -1,9 +1,9 @@
-"""The compile matrix in CI (issue 11): the kernels built for sm_90a (H100) and sm_80 (A100) on a
+"""The compile matrix in CI: the kernels built for sm_90a (H100) and sm_80 (A100) on a
 machine without a GPU, by the real launchers with the target simulated.
 
 The representative subset (``--subset ci``: every kernel x every config of its table x both
 targets, with the flags that need the most resources, in bfloat16 and float32/TF32, plus rank
-tile 64 and unaligned shapes in bfloat16) runs once per session in a subprocess, because the
+tile 64 and unaligned shapes in bfloat16) runs once per test run in a subprocess, because the
 rest of the suite imports the kernels for Triton's interpreter, which builds nothing. The full
 matrix (``python -m tools.compile_matrix``) writes docs/compile_matrix.md.
 """
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory):
-    """The CI subset's launches (built once per session)."""
+    """The CI subset's launches (built once per module)."""
     out = tmp_path_factory.mktemp("compile_matrix") / "ci.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])

@@ -220,5 +220,15 @@ def test_readme_section_is_regenerated(tmp_path):
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n")
     assert "old" not in text and "| new | table |" in text and "from results/x.json" in text
-    real = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    real = (Path(__file__).resolve().parents[2] / report.README).read_text()
     assert report.README_START in real and report.README_END in real
+
+
+def test_documented_targets_are_the_reports():
+    """benchmarks/README.md's target table lists exactly the targets report.py checks."""
+    text = (Path(__file__).resolve().parents[2] / report.README).read_text()
+    section = text[text.index("## Targets") :]
+    section = section[: section.index("\n## ", 1)]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    documented = {metric.strip(): (target.split()[0], float(target.split()[1])) for metric, target in rows[1:]}
+    assert documented == report.TARGETS
