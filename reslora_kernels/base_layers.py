@@ -1,13 +1,14 @@
 """The base layers a ResLoRA block can compose, and how each is read.
 
-A block keeps its base layer as a submodule (``base_layer``) and never runs its forward: it reads
-the base's weight as an ``[out, in]`` tensor and its bias, and computes ``x W^T + b`` itself beside
-the LoRA branch. Every kind of base is known here (:func:`base_kind`): ``nn.Linear`` (weight
-``[out, in]``), transformers' ``Conv1D`` (GPT-2, weight ``[in, out]``: read as its transposed view,
-nothing copied), and the quantized bitsandbytes ``Linear4bit`` and ``Linear8bitLt``, whose weight is
-read by dequantizing it into a reusable buffer (``reslora_kernels.quant``). A ResLoRA layer composes
-the float kinds; the quantized kinds are known and readable, and refused as a layer's base with
-their description (:func:`base_problem`) until the layer dequantizes per call.
+A block keeps its base layer as a submodule (``base_layer``) and runs its forward only while the
+adapter is disabled: otherwise it reads the base's weight as an ``[out, in]`` tensor and its bias,
+and computes ``x W^T + b`` itself beside the LoRA branch. Every kind of base is known here
+(:func:`base_kind`): ``nn.Linear`` (weight ``[out, in]``), transformers' ``Conv1D`` (GPT-2, weight
+``[in, out]``: read as its transposed view, nothing copied), and the quantized bitsandbytes
+``Linear4bit`` and ``Linear8bitLt``, whose weight is read by dequantizing it into a reusable buffer
+(``reslora_kernels.quant``). A ResLoRA layer composes the float kinds; the quantized kinds are known
+and readable, and refused as a layer's base with their description (:func:`base_problem`) until the
+layer dequantizes per call.
 Only torch and ``quant`` are imported (transformers and bitsandbytes are looked up, never imported).
 """
 

@@ -23,6 +23,9 @@ __all__ = ["MODES", "BlockSettings", "ResLoRAConfig"]
 #: ``none`` is plain LoRA, ``is`` input-shortcut, ``bs`` block-shortcut, ``ms`` middle-shortcut.
 MODES = ("none", "is", "bs", "ms")
 
+#: PEFT's task types (``peft.TaskType``): ``ResLoRAConfig.task_type`` takes one of them, with PEFT's meaning.
+TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "CAUSAL_LM", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION")
+
 #: Modes whose blocks keep norm statistics for the input-norm merge (``is``: the input, ``ms``: z).
 NORM_MODES = ("is", "ms")
 
@@ -68,6 +71,10 @@ class BlockSettings:
             of them). Ignored by ``none`` and ``is``.
         norm_window: how many recent training forwards the input-norm statistics average over
             (``is``/``ms``; read by the ``input_norm`` merge).
+        use_rslora: scale the LoRA branch by ``alpha / sqrt(rank)`` (rank-stabilised LoRA,
+            Kalajdzievski 2023; PEFT's ``use_rslora``) instead of ``alpha / rank``. ``rank`` is the
+            rank of one block's adapter in every mode, also in ``bs``, whose blocks sum the adapters
+            of several blocks (docs/design.md section 2 says why).
 
     ``alpha = 0`` is valid but warns: the LoRA branch and its gradients are then zero.
     """
@@ -78,6 +85,7 @@ class BlockSettings:
     dropout: float = 0.0
     pre_num: int = 1
     norm_window: int = 100
+    use_rslora: bool = False
 
     def __post_init__(self) -> None:
         # numpy and other integral types are taken and stored as int (the config is saved as JSON).
@@ -106,6 +114,8 @@ class BlockSettings:
         if window < 1:
             raise ValueError(f"norm_window must be an int >= 1, got {window!r}")
         object.__setattr__(self, "norm_window", window)
+        if not isinstance(self.use_rslora, bool):
+            raise TypeError(f"use_rslora must be a bool, got {type(self.use_rslora).__name__}")
         object.__setattr__(self, "dropout", float(dropout))
         if alpha == 0:
             warnings.warn(
@@ -117,8 +127,9 @@ class BlockSettings:
 
     @property
     def scaling(self) -> float:
-        """``alpha / rank``, the factor of the LoRA branch."""
-        return self.alpha / self.rank
+        """The factor of the LoRA branch: ``alpha / rank``, or ``alpha / sqrt(rank)`` with
+        ``use_rslora``. The one place it is computed."""
+        return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
 
     @property
     def keeps_norm_statistics(self) -> bool:
@@ -155,7 +166,8 @@ ChainKey = Union[str, Callable[[str], Any]]
 class ResLoRAConfig(BlockSettings):
     """How :func:`reslora_kernels.apply_reslora` puts ResLoRA into a model: the
     :class:`BlockSettings` of every block (``mode``, ``rank``, ``alpha``, ``dropout``, ``pre_num``,
-    ``norm_window``, with their defaults), and which modules become blocks and how they chain.
+    ``norm_window``, ``use_rslora``, with their defaults), which modules become blocks and how they chain,
+    and which modules train in full beside them.
 
     Args:
         target_modules: which linear layers (``nn.Linear``, transformers' ``Conv1D``) to replace.
@@ -173,10 +185,21 @@ class ResLoRAConfig(BlockSettings):
             chained in model order, or by ``order`` when given. A regex is saved with the adapter;
             a function is not (the chains it formed are, and :func:`reslora_kernels.load_reslora`
             links those).
+        modules_to_save: modules trained in full beside the adapters (a new task head), as PEFT's
+            ``modules_to_save``: names matched as ``target_modules`` names are (the full name, or
+            its ending after a ``"."``). Each becomes a :class:`reslora_kernels.ModuleToSave`: the
+            original module, frozen, and a trainable copy that the model runs; they are saved and
+            loaded with the adapter, and no block is put inside them.
+        task_type: PEFT's task type (``"SEQ_CLS"``, ``"TOKEN_CLS"``, ``"QUESTION_ANS"``,
+            ``"CAUSAL_LM"``, ...), with PEFT's consequences: ``SEQ_CLS`` and ``TOKEN_CLS`` add the
+            heads ``classifier`` and ``score``, ``QUESTION_ANS`` adds ``qa_outputs``, to
+            ``modules_to_save`` (those the model has), and ``"all-linear"`` then leaves them out.
     """
 
     target_modules: str | Sequence[str] | None = None
     chain_key: ChainKey | None = None
+    modules_to_save: Sequence[str] | None = None
+    task_type: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -190,6 +213,13 @@ class ResLoRAConfig(BlockSettings):
                 raise ValueError(f"chain_key {key!r} matches the empty string: it must match the layer index part")
         elif key is not None and not callable(key):
             raise TypeError(f"chain_key must be a regex string, a function or None, got {type(key).__name__}")
+        saved = self.modules_to_save
+        if saved is not None:
+            if isinstance(saved, str) or not all(isinstance(name, str) and name for name in saved):
+                raise ValueError(f"modules_to_save must be a list of module names, got {saved!r}")
+            object.__setattr__(self, "modules_to_save", list(saved))
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise ValueError(f"unknown task_type {self.task_type!r}; choose one of {', '.join(TASK_TYPES)} or None")
         targets = self.target_modules
         if targets is None:
             return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import warnings
@@ -25,6 +26,7 @@ from .model_utils import (
     clean_name,
     refuse_sharded,
     reslora_blocks,
+    saved_modules,
     sharded_by,
     unwrap_model,
     whole_parameters,
@@ -49,7 +51,9 @@ def _block_record(name: str, layer: FusedResLoRALinear) -> dict:
         "mode": layer.mode,
         "pre_num": layer.pre_num,
         "norm_window": layer.norm_window,
+        "use_rslora": layer.use_rslora,
     }
+
 
 
 def _chain_records(blocks: list[tuple[str, FusedResLoRALinear]]) -> list[dict]:
@@ -96,9 +100,11 @@ def _check_finite(what: str, tensor: torch.Tensor) -> None:
 
 
 def save_reslora(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the adapter (``lora_A``, ``lora_B`` and the merge statistics of every block) to
-    ``path/reslora_adapter.safetensors`` and the config, block list, chains and the SHA-256 of
-    both to ``path/reslora_config.json``. :func:`load_reslora` reads them back bit-exactly.
+    """Write the adapter (``lora_A``, ``lora_B`` and the merge statistics of every block, and the
+    state of every module to save, under ``<module>.<key>``) to ``path/reslora_adapter.safetensors``
+    and the config, block list, chains, modules to save and the SHA-256 of both to
+    ``path/reslora_config.json``. :func:`load_reslora` reads them back bit-exactly. The base
+    model's weights are not written.
 
     Refuses (before writing anything) an adapter holding Inf/NaN; the files are written beside
     their destination and moved into place, so an interrupted save never leaves a truncated file.
@@ -111,10 +117,13 @@ def save_reslora(model: nn.Module, path: str | os.PathLike) -> None:
     blocks = reslora_blocks(model)
     if not blocks:
         raise ValueError("the model has no ResLoRA layers to save")
+    saved = saved_modules(model)
     tensors: dict[str, torch.Tensor] = {}
     with whole_parameters(model):
-        for name, layer in blocks:
-            for key, tensor in layer.adapter_state_dict().items():
+        states = [(name, layer.adapter_state_dict()) for name, layer in blocks]
+        states += [(name, wrapper.trained_module.state_dict()) for name, wrapper in saved]
+        for name, state in states:
+            for key, tensor in state.items():
                 tensor = tensor.detach()
                 if hasattr(tensor, "full_tensor"):  # an FSDP2 (DTensor) shard: gather it
                     tensor = tensor.full_tensor()
@@ -127,6 +136,7 @@ def save_reslora(model: nn.Module, path: str | os.PathLike) -> None:
         "config": config.to_dict() if config is not None else None,
         "blocks": [_block_record(name, layer) for name, layer in blocks],
         "chains": _chain_records(blocks),
+        "modules_to_save": [name for name, _ in saved],
     }
     weights = save(tensors, metadata={"format": "pt"})
     meta["sha256"] = {"weights": _sha256(weights)}
@@ -199,6 +209,10 @@ def _read_adapter(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             f"{weights_file} does not match the SHA-256 checksum recorded in {config_file}: "
             "the file is corrupted or belongs to another save"
         )
+    # Files written before rsLoRA and modules_to_save existed hold neither: they had none.
+    for record in meta["blocks"]:
+        record.setdefault("use_rslora", False)
+    meta.setdefault("modules_to_save", [])
     return meta, load(data)
 
 
@@ -215,7 +229,14 @@ def _expected_tensors(name: str, layer: FusedResLoRALinear) -> dict[str, torch.T
     return {f"{name}.{key}": t for key, t in layer.adapter_state_dict(keep_vars=True).items()}
 
 
-def _check_tensors(file: Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+def _expected_saved(name: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of a module to save (its trained copy, or the module it will be copied from)."""
+    return {f"{name}.{key}": t for key, t in module.state_dict(keep_vars=True).items()}
+
+
+def _check_tensors(
+    file: Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], statistics: set[str]
+) -> None:
     """Every tensor the model needs is in the file with its shape, a dtype it can take without
     loss, and valid values; nothing else is."""
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
@@ -231,19 +252,25 @@ def _check_tensors(file: Path, tensors: dict[str, torch.Tensor], expected: dict[
                 f"exactly; convert the model to {source.dtype} (model.to(...)) before loading"
             )
         _check_finite(f"{file}: {key}", source)
-        if key.rsplit(".", 1)[-1].startswith("norm_") and bool((source < 0).any()):
+        if key in statistics and bool((source < 0).any()):
             raise ValueError(f"{file}: {key} holds negative values; merge statistics are squared norms and counts")
 
 
-def _check_same_targets(model: nn.Module, config: ResLoRAConfig, saved: list[str], src: Path) -> None:
+def _check_same_targets(
+    model: nn.Module, config: ResLoRAConfig, saved: list[str], to_save_names: set[str], src: Path
+) -> None:
     """The saved config's ``target_modules`` choose in ``model`` exactly the blocks the adapter
-    holds: an adapter of 3 layers does not go into a 4-layer model, leaving the fourth untrained."""
+    holds (the modules to save left out, as apply_reslora leaves them out): an adapter of 3 layers
+    does not go into a 4-layer model, leaving the fourth untrained."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # all-linear's notes were given when it was applied
         try:
-            chosen = [clean_name(names[0]) for names, _ in matched_targets(model, module_names(model), config)]
+            matched = matched_targets(model, module_names(model), config, to_save_names)
+            chosen = [clean_name(names[0]) for names, _ in matched]
         except ValueError as err:
-            raise ValueError(f"{src} does not fit this model: its target_modules choose no blocks here ({err})") from None
+            raise ValueError(
+                f"{src} does not fit this model: its target_modules choose no blocks here ({err})"
+            ) from None
     extra, absent = sorted(set(chosen) - set(saved)), sorted(set(saved) - set(chosen))
     if extra or absent:
         raise ValueError(
@@ -257,12 +284,13 @@ def _check_same_targets(model: nn.Module, config: ResLoRAConfig, saved: list[str
 def load_reslora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load an adapter written by :func:`save_reslora` into ``model`` and return it.
 
-    A model without ResLoRA layers first gets exactly the blocks and chains the adapter was saved
-    with (settings from the saved config); a model that has them (built or linked by hand) must
-    have the same blocks, settings and chains. Any difference is an error naming it: a model with
-    more (or other) layers than the adapter's target_modules chose when it was saved is refused, and
-    so is a model into which :func:`reslora_kernels.merge_and_unload` already merged this adapter
-    (loading it would add it a second time).
+    A model without ResLoRA layers first gets exactly the blocks, chains and modules to save the
+    adapter was saved with (settings from the saved config); a model that has them (built or linked
+    by hand) must have the same blocks, settings, chains and modules to save. Any difference is an
+    error naming it: a model with more (or other) layers than the adapter's target_modules chose
+    when it was saved is refused, and so is a model into which
+    :func:`reslora_kernels.merge_and_unload` already merged this adapter (loading it would add it a
+    second time). The trained copies of the modules to save get the saved values.
 
     Atomic: both files' checksums, every block name, setting and base layer, every tensor's
     presence, shape, dtype (the same, or one the model's holds exactly: bfloat16 into float32)
@@ -302,9 +330,18 @@ def load_reslora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         chains = sorted(map(json.dumps, _chain_records(blocks)))
         if chains != sorted(map(json.dumps, meta["chains"])):
             raise ValueError(f"the model's ResLoRA chains differ from those saved in {src}")
+        to_save = saved_modules(model)
+        if [name for name, _ in to_save] != meta["modules_to_save"]:
+            raise ValueError(
+                f"the model's modules to save {[name for name, _ in to_save]} differ from those saved in {src}: "
+                f"{meta['modules_to_save']}"
+            )
         expected = {}
         for name, layer in blocks:
             expected.update(_expected_tensors(name, layer))
+        statistics = {key for key in expected if key.rsplit(".", 1)[-1].startswith("norm_")}
+        for name, wrapper in to_save:
+            expected.update(_expected_saved(name, wrapper.trained_module))
     else:
         if meta["config"] is None:
             raise ValueError(
@@ -316,8 +353,9 @@ def load_reslora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             config,
             block_names=[record["name"] for record in records],
             chains=[(chain["name"], chain["blocks"]) for chain in meta["chains"]],
+            saved_names=meta["modules_to_save"],
         )
-        _check_same_targets(model, config, [record["name"] for record in records], src)
+        _check_same_targets(model, config, [record["name"] for record in records], set(meta["modules_to_save"]), src)
         expected = {}
         for (_, base), record in zip(plan.targets, records):
             with warnings.catch_warnings():
@@ -331,12 +369,18 @@ def load_reslora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                     f"but the adapter has {record}"
                 )
             expected.update(_expected_tensors(record["name"], layer))
-    _check_tensors(weights_file, tensors, expected)
+        statistics = {key for key in expected if key.rsplit(".", 1)[-1].startswith("norm_")}
+        for name, (_, module) in zip(meta["modules_to_save"], plan.saved):
+            expected.update(_expected_saved(name, module))
+    _check_tensors(weights_file, tensors, expected, statistics)
     with ModelTransaction(model) as tx:
         if plan is not None:
             blocks = list(execute_plan(model, plan, tx).items())
         for name, layer in blocks:
             for key, target in _expected_tensors(name, layer).items():
+                tx.copy_(target, tensors[key])
+        for name, wrapper in saved_modules(model):
+            for key, target in _expected_saved(name, wrapper.trained_module).items():
                 tx.copy_(target, tensors[key])
     return given
 
@@ -352,8 +396,12 @@ def export_peft_adapter(
     Each block becomes one LoRA module of the rank its merge term has: ``r`` for none, is and ms
     (``(1 + a_n)`` or the lstsq correction folded in), the concatenated rank ``r * (min(m, n) + 1)``
     for bs (exact). Ranks that differ from the most common one go to ``rank_pattern``; every
-    module has scaling 1 (``lora_alpha`` equal to its rank), the ResLoRA scaling being folded into
-    ``lora_B``. Weights are saved in float32. ``method``, ``calibration`` and ``ridge`` are those of
+    module has scaling 1, the ResLoRA scaling being folded into ``lora_B``: ``lora_alpha`` equal to
+    its rank, or, for a model trained with rsLoRA (``use_rslora``, which the config then says too),
+    to the square root of its rank. Weights are saved in float32. Every module to save
+    (``modules_to_save``) is written as PEFT writes one (``base_model.model.<module>.<key>``, its
+    trained values in its dtype) and listed in ``modules_to_save``; ``task_type`` is the model's
+    config's. ``method``, ``calibration`` and ``ridge`` are those of
     :func:`reslora_kernels.merge_and_unload`; the model is not changed. A merge term holding
     Inf/NaN is an error naming the block, raised before anything is written.
     """
@@ -380,29 +428,38 @@ def export_peft_adapter(
         for key in (f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"):
             _check_finite(f"cannot export {name}: its merged {key.rsplit('.', 2)[-2]}", tensors[key])
         ranks[name] = term.lora_A.shape[0]
+    saved = saved_modules(model)
+    for name, wrapper in saved:
+        for key, tensor in wrapper.trained_module.state_dict().items():
+            _check_finite(f"cannot export {name}.{key} (modules_to_save)", tensor)
+            tensors[f"base_model.model.{name}.{key}"] = tensor.detach().cpu().contiguous()
     rank = Counter(ranks.values()).most_common(1)[0][0]
+    # With every scaling folded into lora_B, PEFT's scaling must be 1: alpha / r, or alpha / sqrt(r).
+    rslora = all(block.use_rslora for block, _ in terms)
+    alpha = (lambda r: math.sqrt(r)) if rslora else (lambda r: r)
     # PEFT reads pattern keys as regular expressions: escape the module names.
     pattern = {re.escape(name): r for name, r in ranks.items() if r != rank}
     base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    reslora_config = vars(model).get("reslora_config")
     config = {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": reslora_config.task_type if reslora_config is not None else None,
         "base_model_name_or_path": base,
         "inference_mode": True,
         "r": rank,
-        "lora_alpha": rank,
+        "lora_alpha": alpha(rank),
         "rank_pattern": pattern,
-        "alpha_pattern": dict(pattern),
+        "alpha_pattern": {key: alpha(r) for key, r in pattern.items()},
         "lora_dropout": 0.0,
         "target_modules": list(ranks),
         "bias": "none",
         # PEFT's flag for Conv1D bases ([in, out] weights); PEFT sets it per module where a model
         # mixes Linear and Conv1D targets (with a warning). The LoRA factors are the same either way.
         "fan_in_fan_out": fan_in_fan_out,
-        "use_rslora": False,
+        "use_rslora": rslora,
         "use_dora": False,
         "init_lora_weights": True,
-        "modules_to_save": None,
+        "modules_to_save": [name for name, _ in saved] or None,
     }
     weights = save(tensors, metadata={"format": "pt"})
     out = Path(path)

@@ -24,13 +24,15 @@ __all__ = ["FusedResLoRALinear"]
 class FusedResLoRALinear(nn.Module):
     """A frozen linear base layer and a trainable ResLoRA block, computed together.
 
-    ``y = x W^T + b + s * (drop(x [+ x_prev]) A^T [+ z_prev]) B^T`` with ``s = alpha / rank``;
+    ``y = x W^T + b + s * (drop(x [+ x_prev]) A^T [+ z_prev]) B^T`` with ``s = alpha / rank`` (or
+    ``alpha / sqrt(rank)``, ``use_rslora``);
     the shortcut terms come from the block's predecessors in its :class:`ResLoRAChain` (see
     docs/design.md section 2). A block that is not linked behaves as the first block of a chain.
 
     The base layer is a submodule, ``base_layer`` (as in PEFT): an ``nn.Linear``, or transformers'
     ``Conv1D`` (GPT-2), whose ``[in, out]`` weight is read as its transposed ``[out, in]`` view. Its
-    forward is never run: the block reads its weight and bias and computes everything in one op.
+    forward runs only while the adapter is disabled (:func:`reslora_kernels.disable_adapter`);
+    otherwise the block reads its weight and bias and computes everything in one op.
     ``weight`` (always ``[out, in]``) and ``bias`` read the base's; ``lora_A`` ``[rank, in]``
     (kaiming-uniform) and ``lora_B`` ``[out, rank]`` (zeros) are trained, in the weight's dtype.
     ``is``/``ms`` blocks own their merge statistics (``statistics``, a :class:`NormStatistics`).
@@ -42,7 +44,7 @@ class FusedResLoRALinear(nn.Module):
             block builds as its base (use :meth:`from_linear` to wrap an existing layer).
         settings: the block's :class:`BlockSettings` (a :class:`ResLoRAConfig` also does).
         **setting_values: ``mode``, ``rank``, ``alpha``, ``dropout``, ``pre_num``, ``norm_window``,
-            replacing those of ``settings`` (or of the defaults of :class:`BlockSettings`).
+            ``use_rslora``, replacing those of ``settings`` (or of the defaults of :class:`BlockSettings`).
     """
 
     def __init__(
@@ -95,6 +97,8 @@ class FusedResLoRALinear(nn.Module):
         stats = NormStatistics(settings.norm_window, device=weight.device) if settings.keeps_norm_statistics else None
         self.statistics = stats
         self._shortcut_hooks: OrderedDict[int, Callable] = OrderedDict()  # RemovableHandle needs a weakref-able dict
+        #: How many :func:`reslora_kernels.disable_adapter` contexts are open on this block.
+        self._adapter_disabled = 0
         ResLoRAChain([self])
         self.reset_lora_parameters()
 
@@ -116,7 +120,8 @@ class FusedResLoRALinear(nn.Module):
     alpha = property(lambda self: self.settings.alpha, doc="The LoRA alpha.")
     pre_num = property(lambda self: self.settings.pre_num, doc="Previous blocks summed over by bs/ms.")
     norm_window = property(lambda self: self.settings.norm_window, doc="Forwards the norm statistics average.")
-    scaling = property(lambda self: self.settings.scaling, doc="``alpha / rank``.")
+    scaling = property(lambda self: self.settings.scaling, doc="``alpha / rank`` (``alpha / sqrt(rank)``: rsLoRA).")
+    use_rslora = property(lambda self: self.settings.use_rslora, doc="Whether the scaling is rsLoRA's.")
 
     @property
     def dropout(self) -> float:
@@ -183,6 +188,9 @@ class FusedResLoRALinear(nn.Module):
         return handle
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._adapter_disabled:
+            # disable_adapter: the base layer alone; the chain is neither read nor written, no statistics.
+            return self.base_layer(x)
         # Attribute lookups on an nn.Module cost microseconds each: read everything once.
         settings, base, lora_A, lora_B, chain = self.settings, self.base_layer, self.lora_A, self.lora_B, self._chain
         weight, bias, mode = base.weight, base.bias, settings.mode

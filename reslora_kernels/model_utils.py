@@ -1,5 +1,6 @@
 """Finding one's way in a model: through wrappers (DDP, FSDP, torch.compile), to its ResLoRA
-blocks, to a module by name; whether its weights are whole in this process; running a batch."""
+blocks and modules to save, to a module by name; whether its weights are whole in this process;
+running a batch."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from .layer import FusedResLoRALinear
+from .module_to_save import ModuleToSave
 
 __all__ = ["reslora_blocks"]
 
@@ -96,6 +98,13 @@ def reslora_blocks(model: nn.Module) -> list[tuple[str, FusedResLoRALinear]]:
     such as DDP, FSDP and torch.compile are looked through), in model order."""
     model = unwrap_model(model)
     return [(clean_name(name), mod) for name, mod in model.named_modules() if isinstance(mod, FusedResLoRALinear)]
+
+
+def saved_modules(model: nn.Module) -> list[tuple[str, ModuleToSave]]:
+    """Every module to save (``modules_to_save``) of ``model`` once, under its first name in the bare
+    model, in model order."""
+    model = unwrap_model(model)
+    return [(clean_name(name), mod) for name, mod in model.named_modules() if isinstance(mod, ModuleToSave)]
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
