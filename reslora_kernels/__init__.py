@@ -9,7 +9,8 @@ from .config import MODES, TASK_TYPES, BlockSettings, ResLoRAConfig
 from .disable import AdapterDisabled, disable_adapter
 from .fold import fold_lora_, fold_report
 from .functional import reslora_linear
-from .io import export_peft_adapter, load_reslora, save_reslora
+from .io import load_reslora, save_reslora
+from .peft_export import export_peft_adapter
 from .layer import FusedResLoRALinear
 from .merge_methods import MERGE_METHODS
 from .merging import MergeReport, merge_and_unload, merge_report

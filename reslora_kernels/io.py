@@ -1,14 +1,11 @@
-"""Adapters on disk: save and load ResLoRA adapters, export them as a standard PEFT LoRA adapter."""
+"""Adapters on disk: save and load ResLoRA adapters (peft_export.py writes them in PEFT's format)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import re
 import warnings
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -19,12 +16,11 @@ from .targets import matched_targets, module_names
 from .base_layers import base_features
 from .config import ResLoRAConfig
 from .layer import FusedResLoRALinear
-from .merge_methods import chains_of, merge_terms
+from .merge_methods import chains_of
 from .model_utils import (
     MERGED_ADAPTERS_ATTR,
     adapter_fingerprint,
     clean_name,
-    refuse_sharded,
     reslora_blocks,
     saved_modules,
     sharded_by,
@@ -33,7 +29,7 @@ from .model_utils import (
 )
 from .transaction import ModelTransaction
 
-__all__ = ["save_reslora", "load_reslora", "export_peft_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save_reslora", "load_reslora", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "reslora_config.json"
 WEIGHTS_NAME = "reslora_adapter.safetensors"
@@ -148,7 +144,7 @@ def save_reslora(model: nn.Module, path: str | os.PathLike) -> None:
 
 #: The fields of a block record (:func:`_block_record`).
 _BLOCK_FIELDS = frozenset(
-    ("name", "in_features", "out_features", "rank", "alpha", "dropout", "mode", "pre_num", "norm_window")
+    ("name", "in_features", "out_features", "rank", "alpha", "dropout", "mode", "pre_num", "norm_window", "use_rslora")
 )
 
 
@@ -202,6 +198,10 @@ def _read_adapter(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     sha = meta.get("sha256")
     if not isinstance(sha, dict) or _meta_sha256(meta) != sha.get("config"):
         raise ValueError(f"{config_file} does not match its SHA-256 checksum: the file is corrupted or was edited")
+    # Files written before rsLoRA and modules_to_save existed hold neither: they had none.
+    for record in meta.get("blocks") or []:
+        if isinstance(record, dict):
+            record.setdefault("use_rslora", False)
     _check_meta(config_file, meta)
     data = weights_file.read_bytes()
     if _sha256(data) != sha.get("weights"):
@@ -209,9 +209,6 @@ def _read_adapter(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             f"{weights_file} does not match the SHA-256 checksum recorded in {config_file}: "
             "the file is corrupted or belongs to another save"
         )
-    # Files written before rsLoRA and modules_to_save existed hold neither: they had none.
-    for record in meta["blocks"]:
-        record.setdefault("use_rslora", False)
     meta.setdefault("modules_to_save", [])
     return meta, load(data)
 
@@ -383,90 +380,3 @@ def load_reslora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             for key, target in _expected_saved(name, wrapper.trained_module).items():
                 tx.copy_(target, tensors[key])
     return given
-
-
-@torch.no_grad()
-def export_peft_adapter(
-    model: nn.Module, path: str | os.PathLike, method: str = "auto", *, calibration=None, ridge: float = 1e-3
-) -> None:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT's LoRA format, such
-    that ``PeftModel.from_pretrained(base_model, path)`` on the model's base (the same model
-    without ResLoRA) outputs what ``merge_and_unload(model, method)`` would.
-
-    Each block becomes one LoRA module of the rank its merge term has: ``r`` for none, is and ms
-    (``(1 + a_n)`` or the lstsq correction folded in), the concatenated rank ``r * (min(m, n) + 1)``
-    for bs (exact). Ranks that differ from the most common one go to ``rank_pattern``; every
-    module has scaling 1, the ResLoRA scaling being folded into ``lora_B``: ``lora_alpha`` equal to
-    its rank, or, for a model trained with rsLoRA (``use_rslora``, which the config then says too),
-    to the square root of its rank. Weights are saved in float32. Every module to save
-    (``modules_to_save``) is written as PEFT writes one (``base_model.model.<module>.<key>``, its
-    trained values in its dtype) and listed in ``modules_to_save``; ``task_type`` is the model's
-    config's. ``method``, ``calibration`` and ``ridge`` are those of
-    :func:`reslora_kernels.merge_and_unload`; the model is not changed. A merge term holding
-    Inf/NaN is an error naming the block, raised before anything is written.
-    """
-    from safetensors.torch import save
-
-    refuse_sharded(model, "export_peft_adapter")
-    model = unwrap_model(model)
-    names = {id(layer): name for name, layer in reslora_blocks(model)}
-    if "" in names.values():
-        raise ValueError(
-            "export_peft_adapter needs the model a layer sits in: a bare FusedResLoRALinear has no module name "
-            "for PEFT's target_modules. Put it in a module (e.g. nn.Sequential(layer)) and export that"
-        )
-    terms = merge_terms(model, method, calibration, ridge)
-    tensors: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
-    fan_in_fan_out = False
-    for block, term in terms:
-        fan_in_fan_out |= block.fan_in_fan_out
-        name = names[id(block)]
-        prefix = f"base_model.model.{name}"
-        tensors[f"{prefix}.lora_A.weight"] = term.lora_A.float().cpu().contiguous()
-        tensors[f"{prefix}.lora_B.weight"] = (term.coef * term.lora_B.float()).cpu().contiguous()
-        for key in (f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"):
-            _check_finite(f"cannot export {name}: its merged {key.rsplit('.', 2)[-2]}", tensors[key])
-        ranks[name] = term.lora_A.shape[0]
-    saved = saved_modules(model)
-    for name, wrapper in saved:
-        for key, tensor in wrapper.trained_module.state_dict().items():
-            _check_finite(f"cannot export {name}.{key} (modules_to_save)", tensor)
-            tensors[f"base_model.model.{name}.{key}"] = tensor.detach().cpu().contiguous()
-    rank = Counter(ranks.values()).most_common(1)[0][0]
-    # With every scaling folded into lora_B, PEFT's scaling must be 1: alpha / r, or alpha / sqrt(r).
-    rslora = all(block.use_rslora for block, _ in terms)
-    alpha = (lambda r: math.sqrt(r)) if rslora else (lambda r: r)
-    # PEFT reads pattern keys as regular expressions: escape the module names.
-    pattern = {re.escape(name): r for name, r in ranks.items() if r != rank}
-    base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    reslora_config = vars(model).get("reslora_config")
-    config = {
-        "peft_type": "LORA",
-        "task_type": reslora_config.task_type if reslora_config is not None else None,
-        "base_model_name_or_path": base,
-        "inference_mode": True,
-        "r": rank,
-        "lora_alpha": alpha(rank),
-        "rank_pattern": pattern,
-        "alpha_pattern": {key: alpha(r) for key, r in pattern.items()},
-        "lora_dropout": 0.0,
-        "target_modules": list(ranks),
-        "bias": "none",
-        # PEFT's flag for Conv1D bases ([in, out] weights); PEFT sets it per module where a model
-        # mixes Linear and Conv1D targets (with a warning). The LoRA factors are the same either way.
-        "fan_in_fan_out": fan_in_fan_out,
-        "use_rslora": rslora,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "modules_to_save": [name for name, _ in saved] or None,
-    }
-    weights = save(tensors, metadata={"format": "pt"})
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_atomically(
-        {
-            out / "adapter_model.safetensors": weights,
-            out / "adapter_config.json": (json.dumps(config, indent=2) + "\n").encode(),
-        }
-    )
