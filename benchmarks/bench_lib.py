@@ -39,6 +39,25 @@ except ImportError:  # optional: the PEFT baselines are skipped with a reason
     peft = None
 
 
+def env_flag(name: str) -> bool:
+    """A yes/no environment setting: unset or ``0``/``false``/``no``/``off`` is no, ``1``/``true``/
+    ``yes``/``on`` is yes; anything else is an error naming it (a typo must not silently pick one)."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{name}={os.environ[name]!r}: expected 1/true/yes/on or 0/false/no/off")
+
+
+#: Whether the suites run their full sweep. A GPU always does. On CPU ``RESLORA_BENCH_FULL=1`` asks
+#: for it (the sizes and round counts of the committed CPU results); by default a CPU run is the
+#: reduced sweep: every suite, variant, mode and shape kind, at smaller sizes and fewer rounds, so
+#: that ``pytest benchmarks/`` stays within two minutes on a loaded two-core machine
+#: (benchmarks/README.md).
+FULL = IS_CUDA or env_flag("RESLORA_BENCH_FULL")
+
+
 # ---------------------------------------------------------------------------- timing
 def synchronize() -> None:
     if IS_CUDA:

@@ -4,8 +4,9 @@ each mode, on every backend that runs fast here; every variant's steps interleav
 
 GPU: ~1.1B parameters (hidden 2048, 22 layers, the TinyLlama shape), seq 2048, batch
 RESLORA_BENCH_E2E_BATCH (default 8), bf16, adapters on q,k,v,o,gate,up,down at r = 16, AdamW on the
-adapters. CPU: a small model of the same architecture (hidden 256, 4 layers, 512 tokens per step),
-large enough that the projections' GEMMs dominate the step. ``RESLORA_BENCH_VARIANTS`` keeps only
+adapters. CPU: a small model of the same architecture (hidden 256, 4 layers, 512 tokens per step
+with ``RESLORA_BENCH_FULL=1``; 2 layers and 128 tokens by default), large enough that the
+projections' GEMMs dominate the step. ``RESLORA_BENCH_VARIANTS`` keeps only
 the named variants (``frozen,peft_fp32,composed,fused,auto``).
 """
 
@@ -18,6 +19,7 @@ from bench_lib import (
     BACKEND_OF,
     DEVICE,
     DROPOUT,
+    FULL,
     IS_CUDA,
     MODES,
     Interleaved,
@@ -48,12 +50,14 @@ else:
     SIZES = dict(
         hidden_size=256,
         intermediate_size=688,
-        num_hidden_layers=4,
+        num_hidden_layers=4 if FULL else 2,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=512,
     )
-    SEQ, BATCH, DTYPE, ROUNDS = 128, 4, torch.float32, int(os.environ.get("RESLORA_BENCH_E2E_ROUNDS", "11"))
+    # The reduced CPU sweep (RESLORA_BENCH_FULL unset): 2 layers, 128 tokens per step, 5 rounds.
+    SEQ, BATCH, DTYPE = (128, 4, torch.float32) if FULL else (64, 2, torch.float32)
+    ROUNDS = int(os.environ.get("RESLORA_BENCH_E2E_ROUNDS", "11" if FULL else "5"))
     IMPLS = ("reference", "composed")
 OURS = "auto" if IS_CUDA else "composed"
 GROUP = (

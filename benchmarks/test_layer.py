@@ -2,9 +2,9 @@
 by round (benchmarks/README.md, Method); with the bytes each variant saves for backward and its peak memory.
 
 GPU: M = 8192 tokens, LLaMA-7B projections 4096->4096, 4096->11008, 11008->4096 at r = 16, and
-4096->4096 at r = 64, bf16. CPU: float32, the MLP projections of the e2e suite's model at 2048 tokens, where the GEMMs,
-not the per-call overhead or the timer, dominate, small enough that the whole CPU suite stays
-within about 3 minutes.
+4096->4096 at r = 64, bf16. CPU: float32, the MLP projections of the e2e suite's model at 2048 tokens
+(``RESLORA_BENCH_FULL=1``; 256 tokens and fewer rounds by default), where the GEMMs, not the
+per-call overhead or the timer, dominate.
 
 Test ids are ``M<tokens>-<K>x<N>-r<rank>-<dtype>`` (``M8192-4096x4096-r16-bf16``), so that
 ``-k 4096x4096-r16`` selects one shape and ``-k bf16`` a dtype. Settings (environment):
@@ -19,6 +19,7 @@ import pytest
 import torch
 from bench_lib import (
     DTYPE_IDS,
+    FULL,
     IS_CUDA,
     Interleaved,
     case_name,
@@ -36,13 +37,19 @@ if IS_CUDA:
     SHAPES = [(8192, 4096, 4096, 16), (8192, 4096, 11008, 16), (8192, 11008, 4096, 16), (8192, 4096, 4096, 64)]
     DTYPE = torch.bfloat16
     ROUNDS, WARMUP = int(os.environ.get("RESLORA_BENCH_ROUNDS", "15")), 3
-else:
+elif FULL:
     # The MLP projections of the e2e suite's model (hidden 256, intermediate 688) at 2048 tokens:
     # ~10 ms per forward+backward on 2 cores, so the ~0.2-0.3 ms of per-call overhead (see the
     # host-overhead suite) is a few percent, not the result.
     SHAPES = [(2048, 256, 688, 16), (2048, 688, 256, 16)]
     DTYPE = torch.float32
     ROUNDS, WARMUP = int(os.environ.get("RESLORA_BENCH_ROUNDS", "25")), 2
+else:
+    # The reduced CPU sweep: the same two projections (widening and narrowing) at 256 tokens, where
+    # a forward+backward still takes a few ms, well above the per-call overhead.
+    SHAPES = [(256, 256, 688, 16), (256, 688, 256, 16)]
+    DTYPE = torch.float32
+    ROUNDS, WARMUP = int(os.environ.get("RESLORA_BENCH_ROUNDS", "7")), 1
 PHASES = ("fwd+bwd", "fwd")
 
 

@@ -3,14 +3,18 @@ interleaved round by round."""
 
 import pytest
 import torch
-from bench_lib import DEVICE, IS_CUDA, Interleaved, run_rounds
+from bench_lib import DEVICE, FULL, IS_CUDA, Interleaved, run_rounds
 
 from reslora_kernels import fold, reference
 
-N, K, RANK = (4096, 11008, 16) if IS_CUDA else (1024, 2752, 16)
+if IS_CUDA:
+    N, K, RANK, ROUNDS = 4096, 11008, 16, 15
+elif FULL:
+    N, K, RANK, ROUNDS = 1024, 2752, 16, 15
+else:  # the reduced CPU sweep (RESLORA_BENCH_FULL unset): a quarter of the weight, fewer rounds
+    N, K, RANK, ROUNDS = 512, 1376, 16, 7
 DTYPE = torch.bfloat16 if IS_CUDA else torch.float32
 GROUP = f"{N}x{K} r={RANK} {str(DTYPE).replace('torch.', '')}"
-ROUNDS = 15
 
 
 def fold_fn(variant, W, B, A):

@@ -20,7 +20,7 @@ import contextlib
 import pytest
 import torch
 import torch.nn as nn
-from bench_lib import DEVICE, IS_CUDA, Interleaved, peft, run_rounds, synchronize
+from bench_lib import DEVICE, FULL, IS_CUDA, Interleaved, peft, run_rounds, synchronize
 
 from reslora_kernels import FusedResLoRALinear, backend, functional, set_backend
 from reslora_kernels.composed import composed_reslora_linear
@@ -33,8 +33,9 @@ except ImportError:  # no Triton: the fused rows are left out
 
 M, K, N, RANK = 4, 64, 64, 8
 DTYPE = torch.bfloat16 if IS_CUDA else torch.float32
-CALLS = 50  # calls per timed sample: the per-call time is the sample / CALLS
-ROUNDS = 15
+# Calls per timed sample (the per-call time is the sample / CALLS) and rounds; fewer in the
+# reduced CPU sweep (RESLORA_BENCH_FULL unset).
+CALLS, ROUNDS = (50, 15) if FULL else (20, 7)
 GROUP = f"M={M} {K}->{N} r={RANK} {str(DTYPE).replace('torch.', '')}"
 
 

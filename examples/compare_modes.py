@@ -5,12 +5,17 @@ sentiment, every mode with the same seeds, steps and data order, and see what ea
     python examples/compare_modes.py --threads 1  # the committed experiment (its time: see examples/README.md)
     python examples/compare_modes.py --quick      # seconds of training: what CI runs so the example cannot rot
 
-For every seed: plain LoRA (mode ``none``) at each learning rate of a small sweep, and ``is``, ``bs``,
-``ms`` at the base learning rate; LoRA r = 8 on every linear layer of the encoder, the new
-classification head trained in full. Plain LoRA's best learning rate is chosen by mean accuracy on
-a validation split (carved from the training data), never on the test split. Then each model of
-the comparison is rebuilt from its saved adapter (``save_reslora`` / ``load_reslora``), merged with
-``auto`` and with ``lstsq`` (calibrated on training batches), and evaluated on the held-out test split.
+Every mode (plain LoRA ``none``, and ``is``, ``bs``, ``ms``) runs at every learning rate of one shared
+grid, for every seed; LoRA r = 8 on every linear layer of the encoder, the new classification head
+trained in full. Each mode's best learning rate is the one with the best mean accuracy on a validation
+split (carved from the training data), never on the test split. Where a mode's best is the smallest or
+the largest learning rate of the grid, the grid is extended by a factor beyond that edge (every mode
+runs at the new point) and the choice made again, until every best lies inside the grid or
+``--max-extensions`` rounds are spent (the results say which). Then each mode at its own best learning
+rate is rebuilt from its saved adapter (``save_reslora`` / ``load_reslora``), merged with ``auto`` and
+with ``lstsq`` (calibrated on training batches), and evaluated on the held-out test split.
+
+``--estimate`` times a few training steps of each mode and prints what the full protocol would take.
 
 Writes ``compare_modes.json`` (versions, git commit, settings, per-step training loss, accuracies)
 and ``compare_modes.png`` (training-loss curves, held-out accuracy per mode, the learning-rate
@@ -56,13 +61,16 @@ RESLORA_MODES = ("is", "bs", "ms")
 MERGE_METHODS = ("auto", "lstsq")
 LSTSQ_MODES = ("is", "ms")  # lstsq fits a shortcut term; none and bs merge exactly without one
 
+MODES = ("none", *RESLORA_MODES)
+
 FULL = dict(
     steps=80,
     batch_size=16,
     max_length=64,
     seeds=[0, 1, 2],
-    lr=1e-3,
-    lr_sweep=[1e-3, 2e-3, 4e-3],
+    lr_grid=[2e-3, 4e-3, 8e-3],
+    lr_factor=2.0,
+    max_extensions=2,
     n_val=400,
     n_test=1000,
     calibration_batches=8,
@@ -73,8 +81,10 @@ QUICK = dict(
     batch_size=4,
     max_length=32,
     seeds=[0],
-    lr=1e-3,
-    lr_sweep=[1e-3, 2e-3],
+    # One point: its best is both edges, so the smoke run always extends the grid once each way.
+    lr_grid=[1e-3],
+    lr_factor=2.0,
+    max_extensions=1,
     n_val=16,
     n_test=24,
     calibration_batches=2,
@@ -92,9 +102,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--max-length", type=int, help="tokens per tweet after truncation")
     parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (head and adapter init, data order)")
-    parser.add_argument("--lr", type=float, help="the learning rate of is/bs/ms and of the base plain-LoRA run")
-    parser.add_argument("--lr-sweep", type=float, nargs="+", help="plain LoRA's learning rates (must include --lr)")
-    parser.add_argument("--n-val", type=int, help="validation examples (choose plain LoRA's learning rate)")
+    parser.add_argument("--lr-grid", type=float, nargs="+", help="the learning rates every mode starts from")
+    parser.add_argument("--lr-factor", type=float, help="the grid's step beyond an edge when it is extended (> 1)")
+    parser.add_argument("--max-extensions", type=int, help="rounds of extension at most (0: the grid as given)")
+    parser.add_argument("--estimate", action="store_true", help="time a few steps per mode, print the expected cost")
+    parser.add_argument("--n-val", type=int, help="validation examples (choose each mode's learning rate)")
     parser.add_argument("--n-test", type=int, help="held-out test examples")
     parser.add_argument("--calibration-batches", type=int, help="training batches of 32 for the lstsq merge")
     parser.add_argument("--rank", type=int, default=8)
@@ -109,8 +121,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.lr not in args.lr_sweep:
-        parser.error(f"--lr-sweep {args.lr_sweep} must include the base learning rate --lr {args.lr}")
+    if any(not (lr > 0 and math.isfinite(lr)) for lr in args.lr_grid) or len(set(args.lr_grid)) != len(args.lr_grid):
+        parser.error(f"--lr-grid must hold distinct positive learning rates, got {args.lr_grid}")
+    if not args.lr_factor > 1 or args.max_extensions < 0:
+        parser.error(f"--lr-factor must be > 1 and --max-extensions >= 0, got {args.lr_factor}, {args.max_extensions}")
+    args.lr_grid = sorted(args.lr_grid)
     if args.steps < 1 or args.batch_size < 1 or args.n_val < 1 or args.n_test < 1 or args.calibration_batches < 1:
         parser.error("--steps, --batch-size, --n-val, --n-test and --calibration-batches must be >= 1")
     if len(set(args.seeds)) != len(args.seeds):
@@ -318,6 +333,87 @@ def merged_accuracies(base_model, data: Data, mode: str, directory: Path, calibr
     return merged
 
 
+# ----------------------------------------------------------------------------- the sweep
+def one_run(base_model, data: Data, mode: str, lr: float, seed: int, args, bar, scratch: Path, check_batch) -> dict:
+    """Train one configuration, save its adapter and head under ``scratch/<run id>`` and check that
+    they rebuild the trained model exactly."""
+    model, record = train_run(base_model, data, mode, lr, seed, args, bar)
+    record["id"] = f"{mode}-lr{lr:g}-seed{seed}"
+    save_run(model, scratch / record["id"])
+    check_rebuild(base_model, model, scratch / record["id"], check_batch)
+    return record
+
+
+def run_sweep(base_model, data: Data, args: argparse.Namespace, scratch: Path) -> dict:
+    """Every mode at every learning rate of the grid, for every seed; then, while a mode's best
+    learning rate (:func:`compare_report.best_lr`, validation accuracy) is an edge of the grid, the
+    grid is extended beyond it (:func:`compare_report.grid_extension`) and every mode runs at the new
+    points, at most ``args.max_extensions`` times. Returns the runs and the learning rates each round
+    added."""
+    check_batch = data.batch("val", list(range(min(32, args.n_val))), with_labels=False)
+    runs: list[dict] = []
+    rounds = [list(args.lr_grid)]
+    while True:
+        new_lrs = rounds[-1]
+        bar = progress_bar(len(args.seeds) * len(new_lrs) * len(MODES) * args.steps, f"round {len(rounds) - 1}")
+        # Seed by seed, every configuration in turn: slow drifts of a shared machine touch all alike.
+        for seed in args.seeds:
+            for lr in new_lrs:
+                for mode in MODES:
+                    record = one_run(base_model, data, mode, lr, seed, args, bar, scratch, check_batch)
+                    record["round"] = len(rounds) - 1
+                    runs.append(record)
+                    bar.write(
+                        f"{record['id']}: final loss {report.final_loss(record):.4f}, "
+                        f"val {record['val_accuracy']:.4f}, test {record['test_accuracy']:.4f}"
+                    )
+        bar.close()
+        extension = report.grid_extension(runs, args.lr_factor)
+        best = ", ".join(f"{mode} {lr:g}" for mode, lr in report.best_lrs(runs).items())
+        print(f"after round {len(rounds) - 1}: best learning rates {best}", file=sys.stderr, flush=True)
+        if not extension or len(rounds) > args.max_extensions:
+            if extension:
+                print(f"{args.max_extensions} extensions spent; the next would add {extension}", file=sys.stderr)
+            return {"runs": runs, "rounds": rounds}
+        rounds.append(extension)
+
+
+def estimate(base_model, data: Data, args: argparse.Namespace, calibration, probe_steps: int = 3) -> dict:
+    """What the protocol will cost on this machine now, from ``probe_steps`` training steps of every
+    mode (plus each run's fixed cost: building, evaluating, saving, the rebuild check) and one merge
+    per method: the first grid, each extension round (at most two new points), the merges."""
+    bar = _PlainBar(len(MODES) * probe_steps, "estimate")
+    probe = argparse.Namespace(**{**vars(args), "steps": probe_steps})
+    check_batch = data.batch("val", list(range(min(32, args.n_val))), with_labels=False)
+    run_seconds = {}
+    with tempfile.TemporaryDirectory(prefix="reslora-estimate-") as scratch:
+        for mode in MODES:
+            started = time.perf_counter()
+            lr, seed = args.lr_grid[0], args.seeds[0]
+            record = one_run(base_model, data, mode, lr, seed, probe, bar, Path(scratch), check_batch)
+            fixed = time.perf_counter() - started - record["train_seconds"]
+            run_seconds[mode] = record["step_seconds_median"] * args.steps + fixed
+        started = time.perf_counter()
+        is_run = Path(scratch) / f"is-lr{args.lr_grid[0]:g}-seed{args.seeds[0]}"
+        merged_accuracies(base_model, data, "is", is_run, calibration)
+        merge_seconds = time.perf_counter() - started  # auto and lstsq: the costliest pair
+    per_point = sum(run_seconds.values()) * len(args.seeds)
+    estimate = {
+        "seconds_per_run": run_seconds,
+        "first_grid_minutes": per_point * len(args.lr_grid) / 60,
+        "extension_round_minutes_at_most": 2 * per_point / 60,
+        "merges_minutes": merge_seconds * len(MODES) * len(args.seeds) / 60,
+    }
+    estimate["total_minutes_at_most"] = (
+        estimate["first_grid_minutes"]
+        + args.max_extensions * estimate["extension_round_minutes_at_most"]
+        + estimate["merges_minutes"]
+    )
+    estimate["total_minutes_without_extension"] = estimate["first_grid_minutes"] + estimate["merges_minutes"]
+    print(json.dumps(estimate, indent=1))
+    return estimate
+
+
 # ----------------------------------------------------------------------------- provenance
 def git_state() -> dict:
     def git(*cmd):
@@ -366,9 +462,10 @@ def settings(args: argparse.Namespace, base_model, trainable_params: int) -> dic
         "batch_size": args.batch_size,
         "max_length": args.max_length,
         "seeds": args.seeds,
-        "lr": args.lr,
-        "lr_sweep": args.lr_sweep,
-        "lr_selection": "plain LoRA's learning rate with the best mean validation accuracy over seeds",
+        "lr_grid": args.lr_grid,
+        "lr_factor": args.lr_factor,
+        "max_extensions": args.max_extensions,
+        "lr_selection": "per mode, the learning rate with the best mean validation accuracy over seeds",
         "optimizer": "AdamW, weight_decay 0",
         "schedule": f"linear warm-up over {args.warmup:g} of the steps, then linear decay to 0 (transformers' linear)",
         "calibration": f"{args.calibration_batches} training batches of 32 tweets (lstsq merge)",
@@ -391,50 +488,44 @@ def main(argv=None) -> dict:
     rng = random.Random(tweets.SPLIT_SEED)
     train_order = list(range(len(data.ids["train"])))
     rng.shuffle(train_order)
-    check_batch = data.batch("val", list(range(min(32, args.n_val))), with_labels=False)
     calibration = [
         data.batch("train", train_order[i * 32 : (i + 1) * 32], with_labels=False)
         for i in range(args.calibration_batches)
     ]
 
-    # Seed by seed, every configuration in turn: slow drifts of a shared machine touch all alike.
-    plan = [("none", lr) for lr in args.lr_sweep] + [(mode, args.lr) for mode in RESLORA_MODES]
-    runs: list[dict] = []
-    bar = progress_bar(len(args.seeds) * len(plan) * args.steps, "training")
-    with tempfile.TemporaryDirectory(prefix="reslora-example-") as scratch:
-        for seed in args.seeds:
-            for mode, lr in plan:
-                model, record = train_run(base_model, data, mode, lr, seed, args, bar)
-                record["id"] = f"{mode}-lr{lr:g}-seed{seed}"
-                save_run(model, Path(scratch) / record["id"])
-                check_rebuild(base_model, model, Path(scratch) / record["id"], check_batch)
-                runs.append(record)
-                bar.write(
-                    f"{record['id']}: final loss {statistics.fmean(record['loss'][-max(1, args.steps // 10) :]):.4f}, "
-                    f"val {record['val_accuracy']:.4f}, test {record['test_accuracy']:.4f}"
-                )
-        bar.close()
+    if args.estimate:
+        return estimate(base_model, data, args, calibration)
 
-        best_lr = report.best_plain_lr(runs)
-        compared = [r for r in runs if r["mode"] != "none" or r["lr"] in (args.lr, best_lr)]
+    with tempfile.TemporaryDirectory(prefix="reslora-example-") as scratch:
+        sweep = run_sweep(base_model, data, args, Path(scratch))
+        runs = sweep["runs"]
+        best = report.best_lrs(runs)
+        # Every mode at its own best learning rate: rebuilt from its files, merged, scored.
+        compared = [r for r in runs if r["lr"] == best[r["mode"]]]
         merge_bar = progress_bar(len(compared), "merging")
         for record in compared:
             merge_bar.set_description(f"merging {record['id']}")
-            record["merged"] = merged_accuracies(
-                base_model, data, record["mode"], Path(scratch) / record["id"], calibration
-            )
+            directory = Path(scratch) / record["id"]
+            record["merged"] = merged_accuracies(base_model, data, record["mode"], directory, calibration)
             merge_bar.update(1)
         merge_bar.close()
 
     results = {
-        "schema": 1,
+        "schema": 2,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": ["python", "examples/compare_modes.py", *(argv if argv is not None else sys.argv[1:])],
         "git": git,
         "versions": versions(),
         "settings": settings(args, base_model, runs[0]["trainable_params"]),
         "dataset": data.describe(),
-        "selected": {"plain_lora_best_lr": best_lr},
+        "sweep": {
+            "rounds": sweep["rounds"],
+            "factor": args.lr_factor,
+            "max_extensions": args.max_extensions,
+            "grid": sorted({r["lr"] for r in runs}),
+            "best_lr": best,
+            "inside": {mode: report.edge(runs, mode) is None for mode in best},
+        },
         "runs": runs,
         "wall_seconds": time.perf_counter() - started,
         # The process's own CPU time (one thread: about what the run takes on an idle machine) and the

@@ -1,5 +1,6 @@
 """ResLoRA with ``transformers.Trainer``: the tweet-sentiment fine-tuning of ``compare_modes.py``, one mode,
-trained by Trainer, the adapters written by ``save_reslora`` from a callback when training ends.
+trained by ``ResLoRATrainer`` (Trainer with checkpoints of the adapter alone), the new classification head
+trained in full and saved with the adapter (``task_type="SEQ_CLS"``).
 
     pip install -e ".[examples]"
     python examples/trainer_recipe.py --mode is --out /tmp/reslora-trainer   # a few minutes on 2 CPU cores
@@ -8,7 +9,8 @@ trained by Trainer, the adapters written by ``save_reslora`` from a callback whe
 The lines a Trainer user adds are marked ``# ResLoRA``. Afterwards the script checks what a user
 would rely on: a fresh pretrained model plus the saved adapter (``load_reslora``) gives the trained
 model's logits exactly, and the merged model (``merge_and_unload``) is a plain BERT again. It writes
-``trainer_recipe.json`` (the Trainer's loss log and the test accuracy before and after the merge).
+``trainer_recipe.json`` (the Trainer's loss log, the checkpoints' files and the test accuracy before and
+after the merge).
 Trainer runs in float32 here (no ``bf16=True``).
 """
 
@@ -22,13 +24,12 @@ from pathlib import Path
 
 import torch
 import tweets
-from safetensors.torch import load_file, save_file
 
 from reslora_kernels import ResLoRAConfig, apply_reslora, load_reslora, merge_and_unload, save_reslora
+from reslora_kernels.trainer import ResLoRATrainer
 
 FULL = dict(steps=80, batch_size=16, max_length=64, n_val=400, n_test=1000)
 QUICK = dict(steps=3, batch_size=4, max_length=32, n_val=16, n_test=24)
-HEAD_FILE = "head.safetensors"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,26 +54,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def make_save_callback(path: Path):
-    """A TrainerCallback that writes the adapters with ``save_reslora`` when training ends, and the
-    task head beside them (save_reslora holds the ResLoRA blocks only)."""
-    from transformers import TrainerCallback
-
-    class SaveResLoRACallback(TrainerCallback):
-        def on_train_end(self, args, state, control, model=None, **kwargs):
-            if state.is_world_process_zero:
-                save_reslora(model, path)
-                head = model.get_submodule(tweets.HEAD_MODULE).state_dict()
-                save_file({k: v.detach().contiguous() for k, v in head.items()}, str(path / HEAD_FILE))
-
-    return SaveResLoRACallback()
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments  # after tweets set HF_HUB_OFFLINE
+    from transformers import DataCollatorWithPadding, TrainingArguments  # after tweets set HF_HUB_OFFLINE
 
     started = time.perf_counter()
     out = args.out
@@ -91,9 +77,9 @@ def main(argv=None) -> dict:
 
     torch.manual_seed(args.seed)
     model = tweets.load_classifier()
-    config = ResLoRAConfig(mode=args.mode, rank=8, alpha=16, target_modules=tweets.TARGET_MODULES)  # ResLoRA
+    # ResLoRA: SEQ_CLS trains the new head (classifier) in full and saves it with the adapter.
+    config = ResLoRAConfig(mode=args.mode, rank=8, alpha=16, target_modules=tweets.TARGET_MODULES, task_type="SEQ_CLS")
     model = apply_reslora(model, config)  # ResLoRA
-    model.classifier.requires_grad_(True)  # ResLoRA: the new task head trains in full
 
     training_args = TrainingArguments(
         output_dir=str(out / "trainer"),
@@ -105,25 +91,25 @@ def main(argv=None) -> dict:
         warmup_steps=round(0.1 * args.steps),
         optim="adamw_torch",
         logging_steps=1,
-        save_strategy="no",  # Trainer's own checkpoints would hold the whole model; the adapter is enough
+        save_strategy="steps",  # ResLoRATrainer's checkpoints: the adapter, the head and the optimizer state
+        save_steps=max(1, args.steps // 2),
         report_to="none",
         seed=args.seed,
         use_cpu=True,
         disable_tqdm=False,
     )
-    trainer = Trainer(
+    trainer = ResLoRATrainer(  # ResLoRA: or mix ResLoRATrainerMixin into your own Trainer class
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         data_collator=DataCollatorWithPadding(tokenizer),
-        callbacks=[make_save_callback(adapter_dir)],  # ResLoRA: or save_reslora(model, path) after train()
     )
     trainer.train()
+    save_reslora(model, adapter_dir)  # ResLoRA: the adapter, its merge statistics and the head
     test_accuracy = tweets.accuracy(model, test_ids, test_labels)
 
-    # What a user does later: a fresh pretrained model, the saved adapter and head, then merge.
+    # What a user does later: a fresh pretrained model, the saved adapter (head included), then merge.
     fresh = tweets.load_classifier()
-    fresh.get_submodule(tweets.HEAD_MODULE).load_state_dict(load_file(str(adapter_dir / HEAD_FILE)))
     load_reslora(fresh, adapter_dir)
     probe = tweets.collate(test_ids[:16])
     model.eval()
@@ -146,6 +132,9 @@ def main(argv=None) -> dict:
         "test_accuracy": test_accuracy,
         "merged_auto_test_accuracy": merged_accuracy,
         "adapter_files": sorted(p.name for p in adapter_dir.iterdir()),
+        "checkpoints": {
+            p.name: sorted(f.name for f in p.iterdir()) for p in sorted((out / "trainer").glob("checkpoint-*"))
+        },
         "wall_seconds": time.perf_counter() - started,
     }
     (out / "trainer_recipe.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -1,16 +1,20 @@
 """``auto``'s per-shape choice on CUDA: the faster of ``fused`` and ``composed``, timed on the call's
 own inputs the first time a key (M bucket, K, N, rank, dtype, flags) is seen, as Triton's autotuner
 does; kept in memory and, with ``RESLORA_AUTOTUNE_CACHE=<file.json>``, on disk between processes
-(per device name and torch/triton versions). A candidate that cannot run is disqualified with its
+(per device name and torch/triton versions; :class:`TuningCache`: a problem with the file warns and
+is ignored, concurrent writers merge). A candidate that cannot run is disqualified with its
 reason. :mod:`reslora_kernels.backend` owns the process's tuner and decides when it is asked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
+import threading
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +22,16 @@ from typing import Callable
 
 import torch
 
-__all__ = ["CACHE_ENV", "FusedBackendFailure", "Choice", "AutoTuner", "tuning_key", "m_bucket"]
+__all__ = [
+    "CACHE_ENV",
+    "AutotuneCacheWarning",
+    "FusedBackendFailure",
+    "Choice",
+    "AutoTuner",
+    "TuningCache",
+    "tuning_key",
+    "m_bucket",
+]
 
 CACHE_ENV = "RESLORA_AUTOTUNE_CACHE"
 
@@ -30,6 +43,128 @@ class FusedBackendFailure(UserWarning):
     Issued once per shape key, with the shape and the exception; :func:`reslora_kernels.backend_report`
     lists it. Make it an error to stop at the first one:
     ``warnings.simplefilter("error", FusedBackendFailure)``."""
+
+
+class AutotuneCacheWarning(UserWarning):
+    """The disk cache (``RESLORA_AUTOTUNE_CACHE``) could not be read or written: it is ignored
+    (``auto`` times again, and keeps its choices in memory). Issued once per cache file and kind of
+    problem."""
+
+
+class TuningCache:
+    """The disk cache of ``auto``'s choices: a JSON object mapping a context (device model, torch
+    and Triton versions) to a list of entries (:meth:`Choice.as_dict`).
+
+    An optimisation only: a problem with the file (unreadable, truncated, not a cache, an entry
+    that is malformed or names an unknown backend, a location that cannot be written) warns once
+    (:class:`AutotuneCacheWarning`) and is otherwise ignored; it never reaches the model's forward.
+    A write is atomic and merges with what is on disk: under an exclusive lock on ``<file>.lock``
+    (``fcntl``, where it exists; plus a lock between this process's threads) the file is read
+    again, the entry added, and the result written to a temporary file unique to the process and
+    thread, then moved into place with ``os.replace``: concurrent writers, threads or processes,
+    keep every key, and a reader sees the old file or the new one, never a partial one."""
+
+    _thread_lock = threading.Lock()
+
+    def __init__(self, path: str | os.PathLike, backends: tuple[str, ...]) -> None:
+        self.path = Path(path)
+        self.backends = backends
+        self._warned: set[str] = set()
+
+    def _warn(self, kind: str, message: str) -> None:
+        if kind in self._warned:
+            return
+        self._warned.add(kind)
+        warnings.warn(
+            f"RESLORA_AUTOTUNE_CACHE {self.path}: {message}; the cache is ignored (auto times the shapes again)",
+            AutotuneCacheWarning,
+            stacklevel=4,
+        )
+
+    def _read_file(self) -> dict:
+        """The file's content, ``{}`` when it is missing or unreadable (warned)."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return {}
+        except (OSError, UnicodeDecodeError) as err:
+            self._warn("read", f"cannot be read ({type(err).__name__}: {err})")
+            return {}
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            what = "is empty" if not text.strip() else f"is not valid JSON ({err}): truncated or corrupted"
+            self._warn("json", what)
+            return {}
+        if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+            self._warn("format", f"holds a {type(data).__name__}, not an object of context -> list of entries")
+            return {}
+        return data
+
+    def _valid(self, entry: object) -> bool:
+        try:
+            key = _entry_key(entry)
+            ok = (
+                entry["backend"] in self.backends
+                and isinstance(entry["timings_ms"], dict)
+                and isinstance(entry.get("failures", {}), dict)
+                and all(isinstance(part, (str, int)) for part in key[:-1])
+                and all(isinstance(flag, str) for flag in key[-1])
+            )
+        except (TypeError, KeyError, AttributeError):
+            ok = False
+        if not ok:
+            shown = json.dumps(entry)[:200] if _jsonable(entry) else repr(entry)[:200]
+            self._warn("entry", f"an entry is malformed or names a backend not among {list(self.backends)}: {shown}")
+        return ok
+
+    def read(self, context: str) -> list[dict]:
+        """The valid entries of ``context`` (the others are left out, warned once)."""
+        return [entry for entry in self._read_file().get(context, []) if self._valid(entry)]
+
+    @contextlib.contextmanager
+    def _locked(self) -> "contextlib.AbstractContextManager[None]":
+        with self._thread_lock:
+            try:
+                import fcntl
+            except ImportError:  # no fcntl (Windows): atomic replaces still, merges best-effort
+                yield
+                return
+            with open(self.path.with_name(self.path.name + ".lock"), "a") as handle:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    def write(self, context: str, entry: dict) -> None:
+        """Add ``entry`` (replacing one of the same key) to ``context`` on disk, merged with the
+        file's current content; any problem warns once and is ignored."""
+        tmp = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self._locked():
+                data = self._read_file()
+                entries = [e for e in data.get(context, []) if self._valid(e) and _entry_key(e) != _entry_key(entry)]
+                data[context] = entries + [entry]
+                tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex}")
+                tmp.write_text(json.dumps(data, indent=1) + "\n")
+                os.replace(tmp, self.path)  # atomic: a reader sees the old or the new file
+                tmp = None
+        except OSError as err:
+            self._warn("write", f"cannot be written ({type(err).__name__}: {err})")
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+
+
+def _jsonable(value: object) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def m_bucket(rows: int) -> int:
@@ -120,6 +255,7 @@ class AutoTuner:
         self.cache_path = cache_path
         self.choices: dict[tuple, Choice] = {}
         self._loaded_from: Path | None = None
+        self._disk: TuningCache | None = None
         self._warned: set[tuple] = set()
 
     # -------------------------------------------------------------- disk cache
@@ -140,32 +276,33 @@ class AutoTuner:
             triton_version = None
         return f"{name}|torch {torch.__version__}|triton {triton_version}"
 
-    def _load(self, device: str) -> None:
+    def _cache(self) -> TuningCache | None:
+        """The :class:`TuningCache` of :meth:`cache_file` (one per file, so each warns once)."""
         path = self.cache_file()
-        if path is None or path == self._loaded_from or not path.is_file():
+        if path is None:
+            return None
+        if self._disk is None or self._disk.path != path:
+            self._disk = TuningCache(path, self.candidates)
+        return self._disk
+
+    def _load(self, device: str) -> None:
+        cache = self._cache()
+        if cache is None or cache.path == self._loaded_from:
             return
-        self._loaded_from = path
-        entries = json.loads(path.read_text()).get(self._context(device), [])
-        for entry in entries:
+        self._loaded_from = cache.path
+        for entry in cache.read(self._context(device)):
             key = _entry_key(entry)
             self.choices.setdefault(
                 key, Choice(key, entry["backend"], entry["timings_ms"], entry.get("failures", {}), "disk cache")
             )
 
     def _save(self, choice: Choice) -> None:
-        path = self.cache_file()
-        if path is None:
+        cache = self._cache()
+        if cache is None:
             return
-        data = json.loads(path.read_text()) if path.is_file() else {}
-        entries = data.setdefault(self._context(choice.key[0]), [])
-        entries[:] = [e for e in entries if _entry_key(e) != choice.key]
         entry = choice.as_dict()
         entry["source"] = "timed"
-        entries.append(entry)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        tmp.replace(path)  # atomic: a concurrent reader sees the old or the new file
+        cache.write(self._context(choice.key[0]), entry)
 
     # -------------------------------------------------------------- the choice
     def choose(

@@ -1,14 +1,14 @@
 """The base layers a ResLoRA block can compose, and how each is read.
 
-A block keeps its base layer as a submodule (``base_layer``) and never runs its forward: it reads
-the base's weight as an ``[out, in]`` tensor and its bias, and computes ``x W^T + b`` itself beside
-the LoRA branch. Every kind of base is known here (:func:`base_kind`): ``nn.Linear`` (weight
-``[out, in]``), transformers' ``Conv1D`` (GPT-2, weight ``[in, out]``: read as its transposed view,
-nothing copied), and the quantized bitsandbytes ``Linear4bit`` and ``Linear8bitLt``, whose weight is
-read by dequantizing it into a reusable buffer (``reslora_kernels.quant``, per call by the layer:
-``reslora_kernels.quantized``). :func:`adapter_dtype` is the dtype a block's ``lora_A`` / ``lora_B``
-get over each kind. Only torch and ``quant`` are imported (transformers and bitsandbytes are looked
-up, never imported).
+A block keeps its base layer as a submodule (``base_layer``) and runs its forward only while the
+adapter is disabled: otherwise it reads the base's weight as an ``[out, in]`` tensor and its bias,
+and computes ``x W^T + b`` itself beside the LoRA branch. Every kind of base is known here
+(:func:`base_kind`): ``nn.Linear`` (weight ``[out, in]``), transformers' ``Conv1D`` (GPT-2, weight
+``[in, out]``: read as its transposed view, nothing copied), and the quantized bitsandbytes
+``Linear4bit`` and ``Linear8bitLt``, whose weight is read by dequantizing it into a reusable buffer
+(``reslora_kernels.quant``, per call by the layer: ``reslora_kernels.quantized``).
+:func:`adapter_dtype` is the dtype a block's ``lora_A`` / ``lora_B`` get over each kind. Only torch
+and ``quant`` are imported (transformers and bitsandbytes are looked up, never imported).
 """
 
 from __future__ import annotations

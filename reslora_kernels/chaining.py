@@ -30,19 +30,41 @@ def chain_key(module_name: str) -> str:
     which is the layer order of a ``ModuleList``); a chain splits, with a warning, where the
     (in, out) shape changes; a module under a numbered index after the first whose siblings hold a
     module at the same path (MoE experts, which run on different tokens: :func:`parallel_copies`)
-    forms no chain, with a warning; if no chain of two or more blocks forms at all, a warning says
+    forms no chain, with a warning, unless that index is a child of an ``nn.Sequential`` (stages run
+    in turn; a target that is itself such a child keeps its index: ``layers.*.mlp.2``); if no chain of two or more blocks forms at all, a warning says
     so. ``ResLoRAConfig.chain_key`` replaces the rule (a regex or a function)."""
     return ".".join("*" if part.isdigit() else part for part in module_name.split("."))
 
 
-def parallel_copies(module_names: Iterable[str]) -> set[str]:
+def sequential_children(model: nn.Module) -> set[str]:
+    """The names of the modules that are children of an ``nn.Sequential``: stages that run one
+    after another on the same tokens, never parallel copies."""
+    return {
+        f"{name}.{child}" if name else child
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Sequential)
+        for child, _ in mod.named_children()
+    }
+
+
+def _later_indices(parts: list[str]) -> list[int]:
+    """Where the numbered parts after the first (the layer index) are."""
+    return [i for i, part in enumerate(parts) if part.isdigit()][1:]
+
+
+def parallel_copies(module_names: Iterable[str], sequential: Iterable[str] = ()) -> set[str]:
     """The names, among ``module_names`` (every module of a model), that sit under a numbered
     index after the first one whose siblings hold a module at the same path: parallel copies
     such as MoE experts (``layers.0.mlp.experts.3.w1`` beside ``experts.4.w1``). The first index
     is the layer index; a later one with different paths below it (T5's ``block.0.layer.1``:
-    self-attention, cross-attention and MLP) is a position, not a copy."""
+    self-attention, cross-attention and MLP) is a position, not a copy, and so is the index of a
+    child of an ``nn.Sequential`` (``sequential``, the names of such children: an MLP's
+    ``mlp.0`` and ``mlp.2`` run one after the other)."""
+    sequential = set(sequential)
     split = [name.split(".") for name in module_names]
-    numbered = [[i for i, part in enumerate(parts) if part.isdigit()][1:] for parts in split]
+    numbered = [
+        [i for i in _later_indices(parts) if ".".join(parts[: i + 1]) not in sequential] for parts in split
+    ]
     siblings: dict[tuple, set[str]] = defaultdict(set)
     for parts, later in zip(split, numbered):
         for i in later:
@@ -54,11 +76,24 @@ def parallel_copies(module_names: Iterable[str]) -> set[str]:
     }
 
 
-def chain_key_of(config: ResLoRAConfig, name: str, copies: set[str]) -> tuple[str | None, object]:
+def positional_chain_key(module_name: str, sequential: Iterable[str] = ()) -> str:
+    """:func:`chain_key`, except that a module that is itself a later-indexed child of an
+    ``nn.Sequential`` (``layers.3.mlp.2``: a stage of an MLP, not a layer) keeps its index, so that
+    each stage chains with the same stage of the other layers (``layers.*.mlp.2``)."""
+    parts = module_name.split(".")
+    later = _later_indices(parts)
+    if later and later[-1] == len(parts) - 1 and module_name in set(sequential):
+        return chain_key(".".join(parts[:-1])) + "." + parts[-1]
+    return chain_key(module_name)
+
+
+def chain_key_of(
+    config: ResLoRAConfig, name: str, copies: set[str], sequential: set[str] = frozenset()
+) -> tuple[str | None, object]:
     """(chain key or None for no chain, order within the chain) of a block under ``config``'s rule."""
     rule = config.chain_key
     if rule is None:
-        return (None if name in copies else chain_key(name)), None
+        return (None if name in copies else positional_chain_key(name, sequential)), None
     if isinstance(rule, str):
         return re.sub(rule, "*", name), None
     result = rule(name)
@@ -71,18 +106,23 @@ def chain_key_of(config: ResLoRAConfig, name: str, copies: set[str]) -> tuple[st
 
 
 def form_chains(
-    config: ResLoRAConfig, blocks: list[tuple[str, nn.Module]], all_names: list[str]
+    config: ResLoRAConfig,
+    blocks: list[tuple[str, nn.Module]],
+    all_names: list[str],
+    sequential: set[str] = frozenset(),
 ) -> tuple[Chains, list[str]]:
     """The chains of ``blocks`` (name, base module, in model order): one per chain key (see
     :class:`ResLoRAConfig` ``chain_key``), in model order or the rule's order, split where the
-    (in, out) shape changes. Returns the chains of two or more blocks and the warnings to give."""
+    (in, out) shape changes. ``all_names``: every module of the model; ``sequential``: those that
+    are children of an ``nn.Sequential`` (:func:`sequential_children`). Returns the chains of two
+    or more blocks and the warnings to give."""
     if config.mode == "none":
         return [], []
-    copies = parallel_copies(all_names) if config.chain_key is None else set()
+    copies = parallel_copies(all_names, sequential) if config.chain_key is None else set()
     groups: dict[str, list[tuple[object, str, nn.Module]]] = defaultdict(list)
     alone: list[str] = []
     for name, mod in blocks:
-        key, order = chain_key_of(config, name, copies)
+        key, order = chain_key_of(config, name, copies, sequential)
         if key is None:
             alone.append(name)
         else:

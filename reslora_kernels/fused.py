@@ -181,7 +181,8 @@ class FusedResLoRAFunction(torch.autograd.Function):
 
     Under ``torch.compile`` (Dynamo traces this Function) forward and backward call the registered
     ops, which the graph keeps as opaque nodes; eager calls run the same bodies without the
-    dispatcher's round trip through Python, ~14 us per block (benchmarks/README.md, "Host overhead after the dispatch seam")."""
+    dispatcher's round trip through Python, ~14 us per block (benchmarks/README.md, "Host overhead
+    after the dispatch seam")."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, x_prev, z_prev, seed, scalars):

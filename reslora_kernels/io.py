@@ -1,13 +1,11 @@
-"""Adapters on disk: save and load ResLoRA adapters, export them as a standard PEFT LoRA adapter."""
+"""Adapters on disk: save and load ResLoRA adapters (peft_export.py writes them in PEFT's format)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import re
 import warnings
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -15,13 +13,23 @@ import torch.nn as nn
 
 from .apply import check_wrapping, execute_plan, plan_reslora
 from .base_layers import base_dtype, base_features
+from .targets import matched_targets, module_names
 from .config import ResLoRAConfig
 from .layer import FusedResLoRALinear
-from .merge_methods import chains_of, merge_terms
-from .model_utils import refuse_sharded, reslora_blocks, sharded_by, unwrap_model, whole_parameters
+from .merge_methods import chains_of
+from .model_utils import (
+    MERGED_ADAPTERS_ATTR,
+    adapter_fingerprint,
+    clean_name,
+    reslora_blocks,
+    saved_modules,
+    sharded_by,
+    unwrap_model,
+    whole_parameters,
+)
 from .transaction import ModelTransaction
 
-__all__ = ["save_reslora", "load_reslora", "export_peft_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save_reslora", "load_reslora", "CONFIG_NAME", "WEIGHTS_NAME"]
 
 CONFIG_NAME = "reslora_config.json"
 WEIGHTS_NAME = "reslora_adapter.safetensors"
@@ -39,7 +47,9 @@ def _block_record(name: str, layer: FusedResLoRALinear) -> dict:
         "mode": layer.mode,
         "pre_num": layer.pre_num,
         "norm_window": layer.norm_window,
+        "use_rslora": layer.use_rslora,
     }
+
 
 
 def _chain_records(blocks: list[tuple[str, FusedResLoRALinear]]) -> list[dict]:
@@ -86,9 +96,11 @@ def _check_finite(what: str, tensor: torch.Tensor) -> None:
 
 
 def save_reslora(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the adapter (``lora_A``, ``lora_B`` and the merge statistics of every block) to
-    ``path/reslora_adapter.safetensors`` and the config, block list, chains and the SHA-256 of
-    both to ``path/reslora_config.json``. :func:`load_reslora` reads them back bit-exactly.
+    """Write the adapter (``lora_A``, ``lora_B`` and the merge statistics of every block, and the
+    state of every module to save, under ``<module>.<key>``) to ``path/reslora_adapter.safetensors``
+    and the config, block list, chains, modules to save and the SHA-256 of both to
+    ``path/reslora_config.json``. :func:`load_reslora` reads them back bit-exactly. The base
+    model's weights are not written.
 
     Refuses (before writing anything) an adapter holding Inf/NaN; the files are written beside
     their destination and moved into place, so an interrupted save never leaves a truncated file.
@@ -101,10 +113,13 @@ def save_reslora(model: nn.Module, path: str | os.PathLike) -> None:
     blocks = reslora_blocks(model)
     if not blocks:
         raise ValueError("the model has no ResLoRA layers to save")
+    saved = saved_modules(model)
     tensors: dict[str, torch.Tensor] = {}
     with whole_parameters(model):
-        for name, layer in blocks:
-            for key, tensor in layer.adapter_state_dict().items():
+        states = [(name, layer.adapter_state_dict()) for name, layer in blocks]
+        states += [(name, wrapper.trained_module.state_dict()) for name, wrapper in saved]
+        for name, state in states:
+            for key, tensor in state.items():
                 tensor = tensor.detach()
                 if hasattr(tensor, "full_tensor"):  # an FSDP2 (DTensor) shard: gather it
                     tensor = tensor.full_tensor()
@@ -117,6 +132,7 @@ def save_reslora(model: nn.Module, path: str | os.PathLike) -> None:
         "config": config.to_dict() if config is not None else None,
         "blocks": [_block_record(name, layer) for name, layer in blocks],
         "chains": _chain_records(blocks),
+        "modules_to_save": [name for name, _ in saved],
     }
     weights = save(tensors, metadata={"format": "pt"})
     meta["sha256"] = {"weights": _sha256(weights)}
@@ -124,6 +140,42 @@ def save_reslora(model: nn.Module, path: str | os.PathLike) -> None:
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     _write_atomically({out / WEIGHTS_NAME: weights, out / CONFIG_NAME: (json.dumps(meta, indent=2) + "\n").encode()})
+
+
+#: The fields of a block record (:func:`_block_record`).
+_BLOCK_FIELDS = frozenset(
+    ("name", "in_features", "out_features", "rank", "alpha", "dropout", "mode", "pre_num", "norm_window", "use_rslora")
+)
+
+
+def _check_meta(config_file: Path, meta: dict) -> None:
+    """The entries :func:`load_reslora` reads are there and of their types (a config written by
+    another tool, or edited and re-hashed, must fail here with its name, not with a KeyError)."""
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{config_file} is not a complete ResLoRA adapter config: {what}")
+
+    for key in ("config", "blocks", "chains"):
+        if key not in meta:
+            raise bad(f"it has no {key!r} entry")
+    if meta["config"] is not None and not isinstance(meta["config"], dict):
+        raise bad(f"'config' is a {type(meta['config']).__name__}, not an object or null")
+    blocks, chains = meta["blocks"], meta["chains"]
+    if not isinstance(blocks, list) or not blocks:
+        raise bad("'blocks' is not a non-empty list")
+    for record in blocks:
+        if not isinstance(record, dict) or set(record) != _BLOCK_FIELDS or not isinstance(record["name"], str):
+            raise bad(f"the block record {record!r} does not have exactly the fields {sorted(_BLOCK_FIELDS)}")
+    if not isinstance(chains, list):
+        raise bad("'chains' is not a list")
+    for chain in chains:
+        if (
+            not isinstance(chain, dict)
+            or not isinstance(chain.get("name"), str)
+            or not isinstance(chain.get("blocks"), list)
+            or not all(isinstance(name, str) for name in chain["blocks"])
+        ):
+            raise bad(f"the chain record {chain!r} is not {{'name': str, 'blocks': [str, ...]}}")
 
 
 def _read_adapter(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -146,12 +198,18 @@ def _read_adapter(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     sha = meta.get("sha256")
     if not isinstance(sha, dict) or _meta_sha256(meta) != sha.get("config"):
         raise ValueError(f"{config_file} does not match its SHA-256 checksum: the file is corrupted or was edited")
+    # Files written before rsLoRA and modules_to_save existed hold neither: they had none.
+    for record in meta.get("blocks") or []:
+        if isinstance(record, dict):
+            record.setdefault("use_rslora", False)
+    _check_meta(config_file, meta)
     data = weights_file.read_bytes()
     if _sha256(data) != sha.get("weights"):
         raise ValueError(
             f"{weights_file} does not match the SHA-256 checksum recorded in {config_file}: "
             "the file is corrupted or belongs to another save"
         )
+    meta.setdefault("modules_to_save", [])
     return meta, load(data)
 
 
@@ -168,7 +226,14 @@ def _expected_tensors(name: str, layer: FusedResLoRALinear) -> dict[str, torch.T
     return {f"{name}.{key}": t for key, t in layer.adapter_state_dict(keep_vars=True).items()}
 
 
-def _check_tensors(file: Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+def _expected_saved(name: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of a module to save (its trained copy, or the module it will be copied from)."""
+    return {f"{name}.{key}": t for key, t in module.state_dict(keep_vars=True).items()}
+
+
+def _check_tensors(
+    file: Path, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], statistics: set[str]
+) -> None:
     """Every tensor the model needs is in the file with its shape, a dtype it can take without
     loss, and valid values; nothing else is."""
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
@@ -184,17 +249,45 @@ def _check_tensors(file: Path, tensors: dict[str, torch.Tensor], expected: dict[
                 f"exactly; convert the model to {source.dtype} (model.to(...)) before loading"
             )
         _check_finite(f"{file}: {key}", source)
-        if key.rsplit(".", 1)[-1].startswith("norm_") and bool((source < 0).any()):
+        if key in statistics and bool((source < 0).any()):
             raise ValueError(f"{file}: {key} holds negative values; merge statistics are squared norms and counts")
+
+
+def _check_same_targets(
+    model: nn.Module, config: ResLoRAConfig, saved: list[str], to_save_names: set[str], src: Path
+) -> None:
+    """The saved config's ``target_modules`` choose in ``model`` exactly the blocks the adapter
+    holds (the modules to save left out, as apply_reslora leaves them out): an adapter of 3 layers
+    does not go into a 4-layer model, leaving the fourth untrained."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # all-linear's notes were given when it was applied
+        try:
+            matched = matched_targets(model, module_names(model), config, to_save_names)
+            chosen = [clean_name(names[0]) for names, _ in matched]
+        except ValueError as err:
+            raise ValueError(
+                f"{src} does not fit this model: its target_modules choose no blocks here ({err})"
+            ) from None
+    extra, absent = sorted(set(chosen) - set(saved)), sorted(set(saved) - set(chosen))
+    if extra or absent:
+        raise ValueError(
+            f"{src} does not fit this model: it holds {len(saved)} blocks, but its target_modules "
+            f"{config.target_modules!r} choose {len(chosen)} here; without an adapter in the file: {extra}; "
+            f"not chosen here: {absent}. Load it into the model it was trained on (the same layers)"
+        )
 
 
 @torch.no_grad()
 def load_reslora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load an adapter written by :func:`save_reslora` into ``model`` and return it.
 
-    A model without ResLoRA layers first gets exactly the blocks and chains the adapter was saved
-    with (settings from the saved config); a model that has them (built or linked by hand) must
-    have the same blocks, settings and chains. Any difference is an error naming it.
+    A model without ResLoRA layers first gets exactly the blocks, chains and modules to save the
+    adapter was saved with (settings from the saved config); a model that has them (built or linked
+    by hand) must have the same blocks, settings, chains and modules to save. Any difference is an
+    error naming it: a model with more (or other) layers than the adapter's target_modules chose
+    when it was saved is refused, and so is a model into which
+    :func:`reslora_kernels.merge_and_unload` already merged this adapter (loading it would add it a
+    second time). The trained copies of the modules to save get the saved values.
 
     Atomic: both files' checksums, every block name, setting and base layer, every tensor's
     presence, shape, dtype (the same, or one the model's holds exactly: bfloat16 into float32)
@@ -212,6 +305,14 @@ def load_reslora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         check_wrapping(model)  # raises: load before sharding
     blocks = reslora_blocks(model)
     given, model = model, unwrap_model(model) if blocks else check_wrapping(model)
+    merged = getattr(model, MERGED_ADAPTERS_ATTR, ())
+    factors = {name: (tensors.get(f"{name}.lora_A"), tensors.get(f"{name}.lora_B")) for name in saved}
+    complete = all(a is not None and b is not None for a, b in factors.values())  # else _check_tensors says
+    if merged and complete and adapter_fingerprint(factors) in merged:
+        raise ValueError(
+            f"the adapter in {src} is already merged into this model's weights (merge_and_unload): loading it "
+            "would add it a second time. Load it into the unmerged base model"
+        )
     plan = None
     if blocks:
         have = {name for name, _ in blocks}
@@ -226,9 +327,18 @@ def load_reslora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         chains = sorted(map(json.dumps, _chain_records(blocks)))
         if chains != sorted(map(json.dumps, meta["chains"])):
             raise ValueError(f"the model's ResLoRA chains differ from those saved in {src}")
+        to_save = saved_modules(model)
+        if [name for name, _ in to_save] != meta["modules_to_save"]:
+            raise ValueError(
+                f"the model's modules to save {[name for name, _ in to_save]} differ from those saved in {src}: "
+                f"{meta['modules_to_save']}"
+            )
         expected = {}
         for name, layer in blocks:
             expected.update(_expected_tensors(name, layer))
+        statistics = {key for key in expected if key.rsplit(".", 1)[-1].startswith("norm_")}
+        for name, wrapper in to_save:
+            expected.update(_expected_saved(name, wrapper.trained_module))
     else:
         if meta["config"] is None:
             raise ValueError(
@@ -240,7 +350,9 @@ def load_reslora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             config,
             block_names=[record["name"] for record in records],
             chains=[(chain["name"], chain["blocks"]) for chain in meta["chains"]],
+            saved_names=meta["modules_to_save"],
         )
+        _check_same_targets(model, config, [record["name"] for record in records], set(meta["modules_to_save"]), src)
         expected = {}
         for (_, base), record in zip(plan.targets, records):
             with warnings.catch_warnings():
@@ -254,85 +366,17 @@ def load_reslora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                     f"but the adapter has {record}"
                 )
             expected.update(_expected_tensors(record["name"], layer))
-    _check_tensors(weights_file, tensors, expected)
+        statistics = {key for key in expected if key.rsplit(".", 1)[-1].startswith("norm_")}
+        for name, (_, module) in zip(meta["modules_to_save"], plan.saved):
+            expected.update(_expected_saved(name, module))
+    _check_tensors(weights_file, tensors, expected, statistics)
     with ModelTransaction(model) as tx:
         if plan is not None:
             blocks = list(execute_plan(model, plan, tx).items())
         for name, layer in blocks:
             for key, target in _expected_tensors(name, layer).items():
                 tx.copy_(target, tensors[key])
+        for name, wrapper in saved_modules(model):
+            for key, target in _expected_saved(name, wrapper.trained_module).items():
+                tx.copy_(target, tensors[key])
     return given
-
-
-@torch.no_grad()
-def export_peft_adapter(
-    model: nn.Module, path: str | os.PathLike, method: str = "auto", *, calibration=None, ridge: float = 1e-3
-) -> None:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT's LoRA format, such
-    that ``PeftModel.from_pretrained(base_model, path)`` on the model's base (the same model
-    without ResLoRA) outputs what ``merge_and_unload(model, method)`` would.
-
-    Each block becomes one LoRA module of the rank its merge term has: ``r`` for none, is and ms
-    (``(1 + a_n)`` or the lstsq correction folded in), the concatenated rank ``r * (min(m, n) + 1)``
-    for bs (exact). Ranks that differ from the most common one go to ``rank_pattern``; every
-    module has scaling 1 (``lora_alpha`` equal to its rank), the ResLoRA scaling being folded into
-    ``lora_B``. Weights are saved in float32. ``method``, ``calibration`` and ``ridge`` are those of
-    :func:`reslora_kernels.merge_and_unload`; the model is not changed. A merge term holding
-    Inf/NaN is an error naming the block, raised before anything is written.
-    """
-    from safetensors.torch import save
-
-    refuse_sharded(model, "export_peft_adapter")
-    model = unwrap_model(model)
-    names = {id(layer): name for name, layer in reslora_blocks(model)}
-    if "" in names.values():
-        raise ValueError(
-            "export_peft_adapter needs the model a layer sits in: a bare FusedResLoRALinear has no module name "
-            "for PEFT's target_modules. Put it in a module (e.g. nn.Sequential(layer)) and export that"
-        )
-    terms = merge_terms(model, method, calibration, ridge)
-    tensors: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
-    fan_in_fan_out = False
-    for block, term in terms:
-        fan_in_fan_out |= block.fan_in_fan_out
-        name = names[id(block)]
-        prefix = f"base_model.model.{name}"
-        tensors[f"{prefix}.lora_A.weight"] = term.lora_A.float().cpu().contiguous()
-        tensors[f"{prefix}.lora_B.weight"] = (term.coef * term.lora_B.float()).cpu().contiguous()
-        for key in (f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"):
-            _check_finite(f"cannot export {name}: its merged {key.rsplit('.', 2)[-2]}", tensors[key])
-        ranks[name] = term.lora_A.shape[0]
-    rank = Counter(ranks.values()).most_common(1)[0][0]
-    # PEFT reads pattern keys as regular expressions: escape the module names.
-    pattern = {re.escape(name): r for name, r in ranks.items() if r != rank}
-    base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    config = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": base,
-        "inference_mode": True,
-        "r": rank,
-        "lora_alpha": rank,
-        "rank_pattern": pattern,
-        "alpha_pattern": dict(pattern),
-        "lora_dropout": 0.0,
-        "target_modules": list(ranks),
-        "bias": "none",
-        # PEFT's flag for Conv1D bases ([in, out] weights); PEFT sets it per module where a model
-        # mixes Linear and Conv1D targets (with a warning). The LoRA factors are the same either way.
-        "fan_in_fan_out": fan_in_fan_out,
-        "use_rslora": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-    }
-    weights = save(tensors, metadata={"format": "pt"})
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_atomically(
-        {
-            out / "adapter_model.safetensors": weights,
-            out / "adapter_config.json": (json.dumps(config, indent=2) + "\n").encode(),
-        }
-    )

@@ -26,7 +26,8 @@ __all__ = ["FusedResLoRALinear"]
 class FusedResLoRALinear(nn.Module):
     """A frozen linear base layer and a trainable ResLoRA block, computed together.
 
-    ``y = x W^T + b + s * (drop(x [+ x_prev]) A^T [+ z_prev]) B^T`` with ``s = alpha / rank``;
+    ``y = x W^T + b + s * (drop(x [+ x_prev]) A^T [+ z_prev]) B^T`` with ``s = alpha / rank`` (or
+    ``alpha / sqrt(rank)``, ``use_rslora``);
     the shortcut terms come from the block's predecessors in its :class:`ResLoRAChain` (see
     docs/design.md section 2). A block that is not linked behaves as the first block of a chain.
 
@@ -34,14 +35,14 @@ class FusedResLoRALinear(nn.Module):
     ``Conv1D`` (GPT-2), whose ``[in, out]`` weight is read as its transposed ``[out, in]`` view, or
     a quantized bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, whose weight is dequantized on every
     call into a workspace shared by the blocks of its shape, and again in backward (nothing
-    full-precision of it is saved; ``reslora_kernels.quantized``). Its forward is never run: the
-    block reads its weight and bias and computes everything in one op. ``weight`` (always
-    ``[out, in]``; a quantized base's dequantized, a new tensor) and ``bias`` read the base's;
-    ``lora_A`` ``[rank, in]`` (kaiming-uniform) and ``lora_B`` ``[out, rank]`` (zeros) are trained,
-    in float32 over a 16-bit or quantized base (``autocast_adapter_dtype``, cast to the compute
-    dtype per call), else in the weight's dtype. A quantized base computes in its compute dtype
-    (``Linear4bit.compute_dtype``, else the input's) and returns the input's dtype, as
-    bitsandbytes' forward does.
+    full-precision of it is saved; ``reslora_kernels.quantized``). Its forward runs only while the
+    adapter is disabled (:func:`reslora_kernels.disable_adapter`); otherwise the block reads its
+    weight and bias and computes everything in one op. ``weight`` (always ``[out, in]``; a quantized
+    base's dequantized, a new tensor) and ``bias`` read the base's; ``lora_A`` ``[rank, in]``
+    (kaiming-uniform) and ``lora_B`` ``[out, rank]`` (zeros) are trained, in float32 over a 16-bit or
+    quantized base (``autocast_adapter_dtype``, cast to the compute dtype per call), else in the
+    weight's dtype. A quantized base computes in its compute dtype (``Linear4bit.compute_dtype``,
+    else the input's) and returns the input's dtype, as bitsandbytes' forward does.
     ``is``/``ms`` blocks own their merge statistics (``statistics``, a :class:`NormStatistics`).
     Inputs must match the weight's dtype and device (or autocast); any number of leading
     dimensions is accepted.
@@ -51,7 +52,7 @@ class FusedResLoRALinear(nn.Module):
             block builds as its base (use :meth:`from_linear` to wrap an existing layer).
         settings: the block's :class:`BlockSettings` (a :class:`ResLoRAConfig` also does).
         **setting_values: ``mode``, ``rank``, ``alpha``, ``dropout``, ``pre_num``, ``norm_window``,
-            replacing those of ``settings`` (or of the defaults of :class:`BlockSettings`).
+            ``use_rslora``, replacing those of ``settings`` (or of the defaults of :class:`BlockSettings`).
     """
 
     def __init__(
@@ -107,6 +108,8 @@ class FusedResLoRALinear(nn.Module):
         stats = NormStatistics(settings.norm_window, device=weight.device) if settings.keeps_norm_statistics else None
         self.statistics = stats
         self._shortcut_hooks: OrderedDict[int, Callable] = OrderedDict()  # RemovableHandle needs a weakref-able dict
+        #: How many :func:`reslora_kernels.disable_adapter` contexts are open on this block.
+        self._adapter_disabled = 0
         ResLoRAChain([self])
         self.reset_lora_parameters()
 
@@ -131,7 +134,8 @@ class FusedResLoRALinear(nn.Module):
     alpha = property(lambda self: self.settings.alpha, doc="The LoRA alpha.")
     pre_num = property(lambda self: self.settings.pre_num, doc="Previous blocks summed over by bs/ms.")
     norm_window = property(lambda self: self.settings.norm_window, doc="Forwards the norm statistics average.")
-    scaling = property(lambda self: self.settings.scaling, doc="``alpha / rank``.")
+    scaling = property(lambda self: self.settings.scaling, doc="``alpha / rank`` (``alpha / sqrt(rank)``: rsLoRA).")
+    use_rslora = property(lambda self: self.settings.use_rslora, doc="Whether the scaling is rsLoRA's.")
 
     @property
     def dropout(self) -> float:
@@ -167,6 +171,18 @@ class FusedResLoRALinear(nn.Module):
         if self.statistics is not None:
             self.statistics.reset()
 
+    def _apply(self, fn, recurse=True):
+        # Memory materialised from the meta device (model.to_empty(device=...), as FSDP's and
+        # accelerate's deferred initialisation use) holds whatever was there, and HF's
+        # init_weights() does not know the adapter: an adapter coming from meta is initialised
+        # here, as the constructor would, so no block ever trains from garbage. The base layer
+        # is left to the model's own initialisation or checkpoint, as for any nn.Linear.
+        from_meta = self.lora_A.is_meta or self.lora_B.is_meta
+        super()._apply(fn, recurse)
+        if from_meta and not (self.lora_A.is_meta or self.lora_B.is_meta):
+            self.reset_lora_parameters()
+        return self
+
     def adapter_state_dict(self, keep_vars: bool = False) -> dict[str, torch.Tensor]:
         """The block's adapter, as :func:`reslora_kernels.save_reslora` names it after the block's
         name: ``lora_A``, ``lora_B`` and, for is/ms, ``norm_sq_window``, ``norm_count``,
@@ -186,6 +202,9 @@ class FusedResLoRALinear(nn.Module):
         return handle
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._adapter_disabled:
+            # disable_adapter: the base layer alone; the chain is neither read nor written, no statistics.
+            return self.base_layer(x)
         # Attribute lookups on an nn.Module cost microseconds each: read everything once.
         settings, base, lora_A, lora_B, chain = self.settings, self.base_layer, self.lora_A, self.lora_B, self._chain
         bias, mode, quantized_base = base.bias, settings.mode, self.quantized

@@ -13,13 +13,21 @@ import torch
 import torch.nn as nn
 
 from . import fold
+from .apply import restore_modules
 from .base_layers import base_dtype
 from .layer import FusedResLoRALinear
 from .quant import dequantize
 from .quant_merge import merged_linear, requantized_module
 from .merge_methods import METHOD_MODES, MergeTerm, chains_of, merge_terms
-from .model_utils import refuse_sharded, reslora_blocks, run_batch, set_module, unwrap_model
-from .passes import track_passes, untrack_passes
+from .model_utils import (
+    MERGED_ADAPTERS_ATTR,
+    adapter_fingerprint,
+    refuse_sharded,
+    reslora_blocks,
+    run_batch,
+    set_module,
+    unwrap_model,
+)
 from .statistics import skipped_norms
 from .transaction import ModelTransaction
 
@@ -120,9 +128,12 @@ def merge_and_unload(
     extra copy of every adapted weight); only then are they swapped in and the modules replaced. Any
     error leaves the model as it was. Each block goes back to its base layer (for a block made by
     ``from_linear`` or ``apply_reslora`` the module it was made from, the same object of the same
-    type, its weight Parameter now holding the merged values, frozen). Returns the model (that base
+    type, its weight Parameter now holding the merged values, frozen), and each module to save
+    (``modules_to_save``) to its trained copy. Returns the model (that base
     layer if ``model`` itself was a single :class:`FusedResLoRALinear`); nothing of ResLoRA is left
-    in it. A model wrapped in DDP or
+    in it but the attribute ``reslora_merged_adapters``, the fingerprints of the adapters folded in,
+    by which :func:`reslora_kernels.load_reslora` refuses to load one of them a second time. A model
+    wrapped in DDP or
     torch.compile is merged inside its wrapper and the bare model is returned (an FSDP-sharded one
     is refused: merge an unsharded copy).
     """
@@ -143,29 +154,25 @@ def merge_and_unload(
                 "Nothing was changed; pass safe_merge=False to merge anyway"
             )
         merged.append((block, weight))
-    replacements = {id(layer): layer.base_layer for _, layer in blocks}
+    instead: dict[int, nn.Module] = {}
     lost: dict[str, float] = {}
     for block, weight in merged:
         if not block.quantized:
             continue
         if requantize:
-            replacements[id(block)], lost[names[id(block)]] = requantized_module(block.base_layer, weight)
+            instead[id(block)], lost[names[id(block)]] = requantized_module(block.base_layer, weight)
         else:
-            replacements[id(block)] = merged_linear(block.base_layer, weight)
+            instead[id(block)] = merged_linear(block.base_layer, weight)
+    # Remembered on the merged model, so that loading the same adapter onto it again (which would
+    # add it a second time) is refused by load_reslora.
+    fingerprint = adapter_fingerprint({name: (layer.lora_A, layer.lora_B) for name, layer in blocks})
     with ModelTransaction(model) as tx:
         for block, weight in merged:
             if not block.quantized:
                 tx.set_data(block.base_layer.weight, weight)
-        root = replacements.get(id(model))
-        if root is None:
-            for name, mod in list(model.named_modules(remove_duplicate=False)):
-                if name and id(mod) in replacements:
-                    tx.set_module(name, replacements[id(mod)])
-            tx.delattr(model, "reslora_config")
-            for mod in model.modules():  # the pass hooks of apply_reslora / link_chain(model=)
-                chains = untrack_passes(mod)
-                if chains:
-                    tx.on_undo(lambda mod=mod, chains=chains: track_passes(mod, chains))
+        root = restore_modules(model, tx, instead)
+        merged_into = model if root is None else root
+        tx.setattr(merged_into, MERGED_ADAPTERS_ATTR, (*getattr(merged_into, MERGED_ADAPTERS_ATTR, ()), fingerprint))
     for chain in chains_of(blocks):
         chain.reset()
     if lost:

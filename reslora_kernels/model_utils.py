@@ -1,9 +1,11 @@
 """Finding one's way in a model: through wrappers (DDP, FSDP, torch.compile), to its ResLoRA
-blocks, to a module by name; whether its weights are whole in this process; running a batch."""
+blocks and modules to save, to a module by name; whether its weights are whole in this process;
+running a batch."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import sys
 from collections.abc import Mapping
 
@@ -11,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from .layer import FusedResLoRALinear
+from .module_to_save import ModuleToSave
 
 __all__ = ["reslora_blocks"]
 
@@ -97,6 +100,13 @@ def reslora_blocks(model: nn.Module) -> list[tuple[str, FusedResLoRALinear]]:
     return [(clean_name(name), mod) for name, mod in model.named_modules() if isinstance(mod, FusedResLoRALinear)]
 
 
+def saved_modules(model: nn.Module) -> list[tuple[str, ModuleToSave]]:
+    """Every module to save (``modules_to_save``) of ``model`` once, under its first name in the bare
+    model, in model order."""
+    model = unwrap_model(model)
+    return [(clean_name(name), mod) for name, mod in model.named_modules() if isinstance(mod, ModuleToSave)]
+
+
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put ``module`` at the dotted ``name`` of ``model``."""
     parent_name, _, child = name.rpartition(".")
@@ -110,3 +120,22 @@ def run_batch(model: nn.Module, batch) -> object:
     if isinstance(batch, Mapping):
         return model(**batch)
     raise TypeError(f"a batch must be a tensor or a dict of model inputs, got {type(batch).__name__}")
+
+
+#: The attribute :func:`reslora_kernels.merge_and_unload` leaves on a merged model: the
+#: :func:`adapter_fingerprint` of every adapter folded into its weights.
+MERGED_ADAPTERS_ATTR = "reslora_merged_adapters"
+
+
+def adapter_fingerprint(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> str:
+    """A SHA-256 of an adapter's factors (block name -> ``(lora_A, lora_B)``), by value in float32
+    so that a bfloat16 file and the float32 model it was loaded into agree; the merge statistics
+    and the base weights are not part of it."""
+    digest = hashlib.sha256()
+    for name in sorted(factors):
+        digest.update(name.encode() + b"\0")
+        for tensor in factors[name]:
+            tensor = tensor.detach().to("cpu", torch.float32).contiguous()
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()

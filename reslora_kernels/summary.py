@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from .model_utils import reslora_blocks, unwrap_model, whole_parameters
+from .model_utils import reslora_blocks, saved_modules, unwrap_model, whole_parameters
 from .statistics import skipped_norms
 from .targets import describe_targets
 
@@ -30,6 +30,8 @@ class ResLoRASummary:
     #: The target_modules that chose the blocks and where they came from (the config, the
     #: defaults of the model type, all-linear); empty for layers built by hand.
     targets: str = ""
+    #: The modules trained in full beside the adapters (``modules_to_save``), by name.
+    modules_to_save: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         pct = 100.0 * self.trainable_params / max(self.total_params, 1)
@@ -41,6 +43,8 @@ class ResLoRASummary:
             lines.insert(1, f"targets: {self.targets}")
         for name, members in self.chains.items():
             lines.append(f"  chain {name}: {len(members)} blocks ({members[0]} ... {members[-1]})")
+        if self.modules_to_save:
+            lines.append(f"  trained in full (modules_to_save): {', '.join(self.modules_to_save)}")
         if self.unchained:
             lines.append(f"  not in a chain (train as first blocks): {', '.join(self.unchained)}")
         if self.skipped_norms:
@@ -74,4 +78,5 @@ def reslora_summary(model: nn.Module) -> ResLoRASummary:
         skipped_norms=skipped_norms(blocks),
         unchained=[name for name, layer in blocks if layer.mode != "none" and len(layer.chain) == 1],
         targets=describe_targets(unwrap_model(model)),
+        modules_to_save=[name for name, _ in saved_modules(model)],
     )

@@ -1,5 +1,6 @@
-"""Which modules of a model become ResLoRA blocks: names, a regex, all-linear or the defaults of
-the model type, and whether each chosen module can be a block's base at all."""
+"""Which modules of a model become ResLoRA blocks (names, a regex, all-linear or the defaults of the
+model type; whether each chosen module can be a block's base at all) and which are trained in full
+beside them (``modules_to_save``, with the heads PEFT adds for a task type)."""
 
 from __future__ import annotations
 
@@ -14,29 +15,49 @@ from torch.nn.utils import parametrize
 from .base_layers import is_conv1d, is_linear
 from .quant import quantized_kind, quantized_problem
 from .chaining import chain_key
-from .config import ResLoRAConfig
+from .config import ALL_LINEAR, ResLoRAConfig
 from .layer import FusedResLoRALinear
 from .model_utils import clean_name
+from .module_to_save import ModuleToSave
 
 __all__ = ["ALL_LINEAR", "DEFAULT_TARGET_MODULES"]
-
-#: ``target_modules`` shorthand for every linear layer (``nn.Linear`` and transformers' ``Conv1D``)
-#: but the model's output head, as PEFT means it (peft/tuners/tuners_utils.py,
-#: ``_maybe_include_all_linear_layers``).
-ALL_LINEAR = "all-linear"
 
 #: Targets used when ``target_modules`` is omitted, by ``model.config.model_type``: the attention
 #: query and value projections, the choice of PEFT's ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``
 #: (peft/utils/constants.py, checked against peft 0.21) for the same families.
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    **dict.fromkeys(("llama", "mistral", "qwen2", "gemma", "gemma2", "bart"), ["q_proj", "v_proj"]),
+    **dict.fromkeys(("llama", "mistral", "qwen2", "gemma", "gemma2", "bart", "opt"), ["q_proj", "v_proj"]),
     "gpt2": ["c_attn"],
     **dict.fromkeys(("bert", "roberta"), ["query", "value"]),
     "t5": ["q", "v"],
 }
 
+#: The heads PEFT adds to ``modules_to_save`` for a task type (peft/peft_model.py, checked against
+#: peft 0.21: ``PeftModelForSequenceClassification``, ``...ForTokenClassification``, ``...ForQuestionAnswering``).
+TASK_MODULES_TO_SAVE = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+#: The classification heads ``all-linear`` leaves out for ``SEQ_CLS`` when the model has no output
+#: embeddings: the first of these the model has as an attribute (peft's ``SEQ_CLS_HEAD_NAMES``).
+SEQ_CLS_HEAD_NAMES = ("score", "classifier")
+
 #: (every name the module has in the model, the module), in model order.
 Targets = list[tuple[list[str], nn.Module]]
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+
+def _excluded_head(model: nn.Module, config: ResLoRAConfig) -> nn.Module | None:
+    """What ``all-linear`` leaves out, as PEFT (``_maybe_include_all_linear_layers``): the output
+    head; without one, for ``SEQ_CLS``, the first of ``score`` / ``classifier``."""
+    head = _output_head(model)
+    if head is None and config.task_type == "SEQ_CLS":
+        head = next((getattr(model, n) for n in SEQ_CLS_HEAD_NAMES if getattr(model, n, None) is not None), None)
+    return head
 
 
 def matches(targets: str | list[str], module_name: str) -> bool:
@@ -58,8 +79,9 @@ def resolve_targets(model: nn.Module, config: ResLoRAConfig) -> tuple[str | list
     description of where it came from."""
     targets = config.target_modules
     if targets == ALL_LINEAR:
-        # PEFT's meaning: every nn.Linear / Conv1D but the output head (get_output_embeddings).
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        # PEFT's meaning: every nn.Linear / Conv1D but the output head (get_output_embeddings) or,
+        # for SEQ_CLS, the classification head.
+        head = _excluded_head(model, config)
         names = [name for name, mod in model.named_modules() if name and is_linear(mod) and mod is not head]
         return names, "all-linear: every linear layer but the output head"
     if targets is not None:
@@ -81,7 +103,8 @@ def describe_targets(model: nn.Module) -> str:
     if config is None:
         return ""
     if config.target_modules == ALL_LINEAR:
-        return "all-linear (every linear layer but the output head)"
+        head = "the output head or the classification head" if config.task_type == "SEQ_CLS" else "the output head"
+        return f"all-linear (every linear layer but {head})"
     if config.target_modules is not None:
         return f"{config.target_modules!r}"
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -173,9 +196,17 @@ def module_names(model: nn.Module) -> dict[int, list[str]]:
     return names
 
 
-def matched_targets(model: nn.Module, names: dict[int, list[str]], config: ResLoRAConfig) -> Targets:
+def _inside(name: str, saved_names: set[str]) -> bool:
+    """Whether ``name`` is one of ``saved_names`` or a module under one."""
+    return any(name == saved or name.startswith(saved + ".") for saved in saved_names)
+
+
+def matched_targets(
+    model: nn.Module, names: dict[int, list[str]], config: ResLoRAConfig, saved_names: set[str] = frozenset()
+) -> Targets:
     """The modules ``config.target_modules`` chooses, checked (``all-linear`` leaves out, with a
-    warning, what it cannot adapt; any other choice raises on it)."""
+    warning, what it cannot adapt; any other choice raises on it). Modules in or under a module to
+    save (``saved_names``) never become blocks, as in PEFT."""
     wanted, how = resolve_targets(model, config)
     lenient = config.target_modules == ALL_LINEAR
     targets: Targets = []
@@ -183,6 +214,8 @@ def matched_targets(model: nn.Module, names: dict[int, list[str]], config: ResLo
     seen: set[int] = set()
     for name, mod in model.named_modules(remove_duplicate=False):
         if not name or id(mod) in seen or not is_linear(mod) or not matches(wanted, name):
+            continue
+        if _inside(name, saved_names):
             continue
         seen.add(id(mod))
         problem = base_layer_problem(name, mod) or bypass_problem(model, names[id(mod)])
@@ -198,10 +231,63 @@ def matched_targets(model: nn.Module, names: dict[int, list[str]], config: ResLo
         raise ValueError("all-linear found no linear layer ResLoRA can adapt: " + "; ".join(skipped))
     if not targets:
         raise ValueError(
-            f"no linear layer (nn.Linear or Conv1D) in the model matches target_modules={wanted!r} ({how}); "
-            f"its linear layers are: {', '.join(linear_patterns(model)) or '(none)'}"
+            f"no linear layer (nn.Linear or Conv1D) in the model matches target_modules={wanted!r} ({how})"
+            + (f" outside modules_to_save {sorted(saved_names)}" if saved_names else "")
+            + f"; its linear layers are: {', '.join(linear_patterns(model)) or '(none)'}"
         )
+    if lenient and config.task_type is None and _output_head(model) is None:
+        heads = [n for n in SEQ_CLS_HEAD_NAMES if any(n in target_names for target_names, _ in targets)]
+        if heads:
+            warnings.warn(
+                f"ResLoRA all-linear puts a LoRA on the classification head {heads[0]!r} (as PEFT does without a "
+                "task type); a new head should train in full instead: set task_type='SEQ_CLS' (or "
+                f"modules_to_save=[{heads[0]!r}]), which leaves it out of all-linear and trains it in full",
+                UserWarning,
+                stacklevel=4,
+            )
     return targets
+
+
+def _matches_name(entry: str, name: str) -> bool:
+    return name == entry or name.endswith("." + entry)
+
+
+def matched_modules_to_save(model: nn.Module, names: dict[int, list[str]], config: ResLoRAConfig) -> Targets:
+    """The modules ``config.modules_to_save`` names, with the heads PEFT adds for ``config.task_type``
+    (:data:`TASK_MODULES_TO_SAVE`, those the model has), outermost first: a module inside one chosen
+    is not chosen again. A name of ``modules_to_save`` that matches no module raises."""
+    requested = list(config.modules_to_save or [])
+    added = [n for n in TASK_MODULES_TO_SAVE.get(config.task_type, ()) if n not in requested]
+    found: set[str] = set()
+    chosen: Targets = []
+    chosen_names: set[str] = set()
+    chosen_ids: set[int] = set()
+    for name, mod in model.named_modules(remove_duplicate=False):
+        hits = [entry for entry in requested + added if name and _matches_name(entry, name)]
+        found.update(hits)
+        if not hits or _inside(name, chosen_names) or id(mod) in chosen_ids:
+            continue
+        if isinstance(mod, (ModuleToSave, FusedResLoRALinear)):
+            raise ValueError(f"modules_to_save: {name} is a {type(mod).__name__} already")
+        chosen.append((names[id(mod)], mod))
+        chosen_names.update(names[id(mod)])
+        chosen_ids.add(id(mod))
+    missing = [entry for entry in requested if entry not in found]
+    if missing:
+        raise ValueError(f"modules_to_save {missing} match no module of the model")
+    return chosen
+
+
+def named_modules_to_save(model: nn.Module, names: dict[int, list[str]], saved: list[str]) -> Targets:
+    """Exactly the modules named ``saved`` (names in the bare model: what an adapter file lists)."""
+    modules = {clean_name(name): mod for name, mod in model.named_modules(remove_duplicate=False)}
+    chosen = []
+    for name in saved:
+        mod = modules.get(name) if name else None
+        if mod is None:
+            raise ValueError(f"the model has no module {name!r} (a module to save)")
+        chosen.append((names[id(mod)], mod))
+    return chosen
 
 
 def named_targets(model: nn.Module, names: dict[int, list[str]], block_names: list[str]) -> Targets:

@@ -337,3 +337,17 @@ class Net(nn.Module):
         for layer in self.layers:
             x = torch.tanh(layer["out"](layer["proj"](x)))
         return self.head(x)
+
+
+def poison_empty_like(monkeypatch):
+    """Every torch.empty_like comes back full of NaN (floats) or -1 (ints): what ``to_empty``
+    materialises from the meta device, poisoned. Only empty_like (conftest's ``poison_empty`` also
+    patches torch.empty, and then ``torch.device("meta")`` no longer reaches ``nn.Linear``'s
+    parameters: build on meta first, then poison)."""
+    empty_like = torch.empty_like
+
+    def poisoned(*args, **kwargs):
+        out = empty_like(*args, **kwargs)
+        return out.fill_(float("nan") if out.is_floating_point() else -1) if out.numel() else out
+
+    monkeypatch.setattr(torch, "empty_like", poisoned)

@@ -15,6 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 RESULTS = EXAMPLES / "results" / "compare_modes.json"
+# Earlier runs kept beside the results, compared in README's findings (the README's regenerate command names them).
+EARLIER = [EXAMPLES / "results" / name for name in ("second_run_lora_lr_only.json", "first_run_100_steps.json")]
 sys.path.insert(0, str(EXAMPLES))
 
 import compare_report as report  # noqa: E402
@@ -67,17 +69,22 @@ def test_compare_modes_quick_writes_json_and_png(tmp_path):
     assert sum(counts["test"].values()) == 24 and sum(counts["val"].values()) == 16
     assert set(counts["train"]) == set(tweets.LABELS)
 
-    plan = {("none", lr, seed) for lr in s["lr_sweep"] for seed in s["seeds"]}
-    plan |= {(mode, s["lr"], seed) for mode in ("is", "bs", "ms") for seed in s["seeds"]}
-    assert {(r["mode"], r["lr"], r["seed"]) for r in results["runs"]} == plan
-    best_lr = results["selected"]["plain_lora_best_lr"]
-    assert best_lr == report.best_plain_lr(results["runs"])
+    # The one-point grid puts every best on an edge: the grid must have been extended once each way,
+    # and every mode run at every point of it, for every seed.
+    sweep = results["sweep"]
+    assert sweep["rounds"] == [[1e-3], [5e-4, 2e-3]] and sweep["grid"] == [5e-4, 1e-3, 2e-3]
+    plan = {(mode, lr, seed) for mode in ("none", "is", "bs", "ms") for lr in sweep["grid"] for seed in s["seeds"]}
+    assert sorted((r["mode"], r["lr"], r["seed"]) for r in results["runs"]) == sorted(plan)
+    assert {r["id"]: r["round"] for r in results["runs"]} == {
+        f"{m}-lr{lr:g}-seed{seed}": 0 if lr == 1e-3 else 1 for m, lr, seed in plan
+    }
+    assert sweep["best_lr"] == report.best_lrs(results["runs"]) and set(sweep["best_lr"]) == {"none", "is", "bs", "ms"}
+    assert sweep["inside"] == {mode: report.edge(results["runs"], mode) is None for mode in sweep["best_lr"]}
     for run in results["runs"]:
         assert len(run["loss"]) == s["steps"] and all(math.isfinite(v) for v in run["loss"])
         assert 0 <= run["val_accuracy"] <= 1 and 0 <= run["test_accuracy"] <= 1
-        compared = run["mode"] != "none" or run["lr"] in (s["lr"], best_lr)
-        if not compared:
-            assert "merged" not in run
+        if run["lr"] != sweep["best_lr"][run["mode"]]:
+            assert "merged" not in run  # only each mode at its own best learning rate is merged
             continue
         assert 0 <= run["merged"]["auto"]["test_accuracy"] <= 1
         if run["mode"] in ("is", "ms"):
@@ -88,7 +95,8 @@ def test_compare_modes_quick_writes_json_and_png(tmp_path):
             assert run["merged"]["auto"]["test_accuracy"] == run["test_accuracy"]
     width, height = _png_size(tmp_path / "compare_modes.png")
     assert width > 1000 and height > 400
-    assert "| ResLoRA is, lr 0.001 |" in done.stdout  # the table is printed
+    assert f"| ResLoRA is, lr {sweep['best_lr']['is']:g} |" in done.stdout  # the table is printed
+    assert "extension 1 added 0.0005, 0.002" in done.stdout
 
 
 @needs_extra
@@ -98,7 +106,13 @@ def test_trainer_recipe_quick_saves_adapter_and_merges(tmp_path):
     assert results["mode"] == "ms" and len(results["loss"]) == results["steps"] == 3
     assert all(math.isfinite(v) for v in results["loss"])
     assert 0 <= results["test_accuracy"] <= 1 and 0 <= results["merged_auto_test_accuracy"] <= 1
-    assert results["adapter_files"] == ["head.safetensors", "reslora_adapter.safetensors", "reslora_config.json"]
+    assert results["adapter_files"] == ["reslora_adapter.safetensors", "reslora_config.json"]  # the head inside
+    # Trainer's checkpoints hold the adapter and the optimizer state, not the base model.
+    checkpoints = results["checkpoints"]
+    assert sorted(checkpoints) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]  # save_steps: steps // 2
+    for files in checkpoints.values():
+        assert {"reslora_adapter.safetensors", "reslora_config.json", "optimizer.pt"} <= set(files)
+        assert not [name for name in files if name.startswith(("model.", "pytorch_model"))]
     saved = json.loads((tmp_path / "adapter" / "reslora_config.json").read_text())
     assert saved["config"]["mode"] == "ms" and len(saved["blocks"]) == 36 and len(saved["chains"]) == 6
 
@@ -106,35 +120,117 @@ def test_trainer_recipe_quick_saves_adapter_and_merges(tmp_path):
 # ----------------------------------------------------------------------------- committed results
 def test_readme_results_are_generated_from_the_committed_json():
     results = json.loads(RESULTS.read_text())
+    earlier = {path.name: json.loads(path.read_text()) for path in EARLIER}
     readme = (ROOT / report.README).read_text()
     start, end = readme.index(report.README_START), readme.index(report.README_END) + len(report.README_END)
-    assert readme[start:end] == report.readme_block(results), (
+    assert readme[start:end] == report.readme_block(results, earlier), (
         f"{report.README}'s example results differ from the committed JSON: "
-        f"python examples/compare_report.py examples/results/compare_modes.json --readme {report.README}"
+        f"python examples/compare_report.py examples/results/compare_modes.json --readme {report.README} "
+        + " ".join(f"--earlier {path.relative_to(ROOT)}" for path in EARLIER)
     )
+    assert all(f"--earlier {path.relative_to(ROOT)}" in readme for path in EARLIER)
+    # What the results show is generated too: no hand-written section repeats (and could contradict) them.
+    assert readme.count("What this shows, and what it does not") == 1
+    assert "### What this shows, and what it does not" in readme[start:end]
+
+
+def _findings(results, **earlier):
+    return "\n".join(report.findings(results, earlier))
+
+
+def test_findings_follow_the_numbers():
+    results = json.loads(RESULTS.read_text())
+    text = _findings(results)
+    assert "this run does not show that any shortcut helps or hurts" in text
+    # Make bs win on every seed: the verdict changes to what that would mean, and nothing else is claimed.
+    best = report.best_lrs(results["runs"])
+    lora = {r["seed"]: r for r in results["runs"] if r["mode"] == "none" and r["lr"] == best["none"]}
+    for run in results["runs"]:
+        if run["mode"] == "bs" and run["lr"] == best["bs"]:
+            run["test_accuracy"] = lora[run["seed"]]["test_accuracy"] + 0.05
+    text = _findings(results)
+    assert "`bs` differs from plain LoRA in the same direction on every one of the 3 seeds" in text
+    assert "`bs` +5.0 points against plain LoRA (ahead on 3 of 3 seeds)" in text
+    assert "does not show" not in text
+    # A merged model that is not exact is not called exact.
+    for run in results["runs"]:
+        if run.get("merged") and run["mode"] == "bs":
+            run["merged"]["auto"]["test_accuracy"] = run["test_accuracy"] - 0.01
+    assert "`none` merge exactly" in _findings(results) and "`bs` merge exactly" not in _findings(results)
+
+
+def test_findings_on_earlier_runs_compare_the_runs_they_share():
+    results = json.loads(RESULTS.read_text())
+    earlier = json.loads(EARLIER[0].read_text())
+    text = _findings(results, earlier=earlier)
+    assert "the 18 runs (6 configurations, every seed) it shares with this one give the same validation" in text
+    assert "that comparison measured step sizes, not methods" in text
+    now = {(r["mode"], r["lr"], r["seed"]) for r in results["runs"]}
+    shared = next(r for r in earlier["runs"] if (r["mode"], r["lr"], r["seed"]) in now)
+    shared["test_accuracy"] += 0.02  # a shared run that disagrees is reported as such
+    assert "give accuracies within 2.0 points" in _findings(results, earlier=earlier)
 
 
 def test_committed_results_are_a_full_run():
     results = json.loads(RESULTS.read_text())
     s = results["settings"]
-    assert s["quick"] is False and len(s["seeds"]) >= 3 and len(s["lr_sweep"]) >= 3 and s["rank"] == 8
+    assert s["quick"] is False and len(s["seeds"]) >= 3 and s["rank"] == 8
     assert results["git"]["commit"] and results["git"]["dirty"] is False
-    assert len(results["runs"]) == len(s["seeds"]) * (len(s["lr_sweep"]) + 3)
+    assert report.modes_of(results["runs"]) == ["none", "is", "bs", "ms"]
+    cells = {(r["mode"], r["lr"]) for r in results["runs"]}
+    for mode, lr in cells:  # every configuration that ran, ran for every seed
+        assert sorted(r["seed"] for r in results["runs"] if (r["mode"], r["lr"]) == (mode, lr)) == sorted(s["seeds"])
     assert all(len(r["loss"]) == s["steps"] for r in results["runs"])
+    # The protocol: one shared grid (every mode at every learning rate of it), each mode compared at its
+    # own best, the grid extended until every best lies inside it or the extensions allowed are spent.
+    sweep = results["sweep"]
+    assert cells == {(mode, lr) for mode in ("none", "is", "bs", "ms") for lr in sweep["grid"]}
+    assert sweep["best_lr"] == report.best_lrs(results["runs"])
+    assert sweep["rounds"][1:] == [
+        report.grid_extension([r for r in results["runs"] if r["round"] < i], sweep["factor"])
+        for i in range(1, len(sweep["rounds"]))
+    ]
+    inside = all(report.edge(results["runs"], mode) is None for mode in sweep["best_lr"])
+    assert inside or len(sweep["rounds"]) == sweep["max_extensions"] + 1
+    for run in results["runs"]:
+        assert ("merged" in run) == (run["lr"] == sweep["best_lr"][run["mode"]])
     width, height = _png_size(ROOT / report.IMAGE)
     assert width > 1000 and height > 400
 
 
-def test_readme_trainer_lines_compile_and_name_the_public_api():
-    import reslora_kernels
+def test_readme_trainer_and_trl_lines_compile_and_name_the_public_api():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Trainer and TRL") : readme.index("\n## ", readme.index("### Trainer and TRL"))]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2  # the Trainer recipe and the TRL recipe
+    for code in blocks:
+        compile(code, "README.md", "exec")
+        _assert_imports_exist(code)
+    assert "ResLoRATrainer(" in blocks[0] and "resume_from_checkpoint=" in blocks[0]
+    assert "ref_model=AdapterDisabled(policy)" in blocks[1]
+    assert "](docs/training.md)" in section
 
+
+def _assert_imports_exist(code: str) -> None:
+    """Every name a ``from reslora_kernels[...] import`` line of ``code`` imports exists there."""
+    import importlib
+
+    found = re.findall(r"from (reslora_kernels[\w.]*) import (.*)", code)
+    assert found, "no reslora_kernels import"
+    for module, names in found:
+        for name in (n.strip() for n in names.split("#")[0].split(",")):
+            assert hasattr(importlib.import_module(module), name), f"{module}.{name}"
+
+
+def test_examples_readme_trainer_lines_compile_and_name_the_public_api():
     readme = (ROOT / report.README).read_text()
     section = readme[readme.index("## With transformers.Trainer") :]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     compile(code, report.README, "exec")
-    imported = re.search(r"from reslora_kernels import (.*)", code).group(1)
-    for name in (n.strip() for n in imported.split(",")):
-        assert hasattr(reslora_kernels, name), name
+    _assert_imports_exist(code)
+    assert "ResLoRATrainer" in code and 'task_type="SEQ_CLS"' in code  # what examples/trainer_recipe.py does
+    # What the findings call "Benchmarks" is a link that resolves from the page they are written into.
+    assert "](../benchmarks/README.md)" in readme
 
 
 # ----------------------------------------------------------------------------- the helpers
@@ -171,12 +267,19 @@ def test_training_batches_are_seeded_full_and_cover_each_epoch_once():
     assert len(set(first_epoch)) == len(first_epoch) == 96  # 100 // 8 batches of distinct examples
 
 
-def test_compare_modes_rejects_a_sweep_without_the_base_lr(capsys):
+def test_compare_modes_rejects_a_bad_grid(capsys):
     import compare_modes
 
-    with pytest.raises(SystemExit):
-        compare_modes.parse_args(["--lr", "1e-3", "--lr-sweep", "2e-3", "4e-3"])
-    assert "--lr-sweep [0.002, 0.004] must include the base learning rate --lr 0.001" in capsys.readouterr().err
+    for argv, message in (
+        (["--lr-grid", "1e-3", "1e-3"], "--lr-grid must hold distinct positive learning rates, got [0.001, 0.001]"),
+        (["--lr-grid", "0", "1e-3"], "--lr-grid must hold distinct positive learning rates"),
+        (["--lr-factor", "1"], "--lr-factor must be > 1 and --max-extensions >= 0"),
+        (["--max-extensions", "-1"], "--lr-factor must be > 1 and --max-extensions >= 0"),
+    ):
+        with pytest.raises(SystemExit):
+            compare_modes.parse_args(argv)
+        assert message in capsys.readouterr().err
+    assert compare_modes.parse_args(["--lr-grid", "4e-3", "1e-3"]).lr_grid == [1e-3, 4e-3]
 
 
 def test_compare_modes_rejects_repeated_seeds_and_empty_sizes(capsys):
@@ -190,19 +293,67 @@ def test_compare_modes_rejects_repeated_seeds_and_empty_sizes(capsys):
     assert "must be >= 1" in capsys.readouterr().err
 
 
-def test_best_plain_lr_is_the_best_mean_validation_accuracy_and_the_smaller_on_a_tie():
+def _run(mode, lr, val, seed=0):
+    return {"mode": mode, "lr": lr, "seed": seed, "val_accuracy": val}
+
+
+def test_best_lr_is_each_modes_best_mean_validation_accuracy_and_the_smaller_on_a_tie():
     runs = [
-        {"mode": "none", "lr": 1e-3, "val_accuracy": 0.5},
-        {"mode": "none", "lr": 1e-3, "val_accuracy": 0.625},
-        {"mode": "none", "lr": 2e-3, "val_accuracy": 0.625},
-        {"mode": "none", "lr": 2e-3, "val_accuracy": 0.625},
-        {"mode": "is", "lr": 4e-3, "val_accuracy": 0.99},  # not plain LoRA: never chosen
+        _run("none", 1e-3, 0.5),
+        _run("none", 1e-3, 0.625, seed=1),
+        _run("none", 2e-3, 0.625),
+        _run("none", 2e-3, 0.625, seed=1),
+        _run("is", 4e-3, 0.99),  # another mode: chosen for that mode only
+        _run("is", 1e-3, 0.5),
     ]
-    assert report.best_plain_lr(runs) == 2e-3
+    assert report.best_lr(runs, "none") == 2e-3 and report.best_lr(runs, "is") == 4e-3
+    assert report.best_lrs(runs) == {"none": 2e-3, "is": 4e-3}
     runs[1]["val_accuracy"] = 0.75  # means 0.625 and 0.625, exact in binary: a tie
-    assert report.best_plain_lr(runs) == 1e-3
-    with pytest.raises(ValueError, match="no plain-LoRA"):
-        report.best_plain_lr(runs[4:])
+    assert report.best_lr(runs, "none") == 1e-3
+    with pytest.raises(ValueError, match="no run of mode 'ms'"):
+        report.best_lr(runs, "ms")
+
+
+def test_grid_extension_goes_beyond_each_edge_a_best_lies_on_and_stops_inside():
+    peak = {1e-3: 0.5, 2e-3: 0.6, 4e-3: 0.7, 8e-3: 0.65, 1.6e-2: 0.4}  # the best is 4e-3
+    runs = lambda lrs: [_run(m, lr, peak[lr]) for m in ("none", "is") for lr in lrs]
+    assert report.grid_extension(runs([1e-3, 2e-3]), factor=2.0) == [4e-3]  # best at the top: go up
+    assert report.grid_extension(runs([8e-3, 1.6e-2]), factor=2.0) == [4e-3]  # best at the bottom: go down
+    assert report.grid_extension(runs([4e-3]), factor=2.0) == [2e-3, 8e-3]  # one point: both ways
+    assert report.grid_extension(runs([2e-3, 4e-3, 8e-3]), factor=2.0) == []  # inside: done
+    assert report.edge(runs([2e-3, 4e-3, 8e-3]), "is") is None and report.edge(runs([4e-3]), "is") == "only"
+    # Each mode's own edge: is peaks at the top of the grid, none inside; the grid grows for is.
+    rising = {2e-3: 0.1, 4e-3: 0.2, 8e-3: 0.3}
+    mixed = runs([2e-3, 4e-3, 8e-3]) + [_run("bs", lr, val) for lr, val in rising.items()]
+    assert report.edge(mixed, "bs") == "largest" and report.grid_extension(mixed, factor=2.0) == [1.6e-2]
+    # Rounded to six significant digits, so that repeated extensions land on the same floats.
+    assert report.grid_extension([_run("is", 0.1, 0.5)], factor=3.0) == [0.0333333, 0.3]
+
+
+def test_sweep_extends_until_every_best_lies_inside_or_the_cap(monkeypatch):
+    import types
+
+    import compare_modes
+
+    # Validation accuracy peaks at 8e-3 for every mode; the grid starts below it.
+    calls = []
+
+    def fake_run(base_model, data, mode, lr, seed, args, bar, scratch, check_batch):
+        calls.append((mode, lr, seed))
+        score = 1.0 - abs(math.log2(lr / 8e-3)) / 10
+        record = {"mode": mode, "lr": lr, "seed": seed, "val_accuracy": score, "test_accuracy": score, "loss": [1.0]}
+        return {**record, "id": f"{mode}-lr{lr:g}-seed{seed}"}
+
+    monkeypatch.setattr(compare_modes, "one_run", fake_run)
+    monkeypatch.setattr(compare_modes, "progress_bar", lambda total, desc: compare_modes._PlainBar(total, desc))
+    data = types.SimpleNamespace(batch=lambda *a, **k: None)
+    args = compare_modes.parse_args(["--lr-grid", "1e-3", "2e-3", "--seeds", "0", "1", "--max-extensions", "5"])
+    sweep = compare_modes.run_sweep(None, data, args, Path("unused"))
+    assert sweep["rounds"] == [[1e-3, 2e-3], [4e-3], [8e-3], [1.6e-2]]
+    assert report.best_lrs(sweep["runs"]) == dict.fromkeys(("none", "is", "bs", "ms"), 8e-3)
+    assert len(calls) == len(set(calls)) == 4 * 5 * 2  # every mode at every point for every seed, once
+    capped = compare_modes.parse_args(["--lr-grid", "1e-3", "2e-3", "--seeds", "0", "--max-extensions", "1"])
+    assert compare_modes.run_sweep(None, data, capped, Path("unused"))["rounds"] == [[1e-3, 2e-3], [4e-3]]
 
 
 def test_update_readme_needs_the_markers(tmp_path):

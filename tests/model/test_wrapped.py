@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
-from helpers import Net
+from helpers import Net, poison_empty_like
 
 from reslora_kernels import (
     FusedResLoRALinear,
@@ -250,16 +250,24 @@ def _meta_model():
     return apply_reslora(model, ResLoRAConfig(mode="is", rank=2, target_modules=["proj", "out"]))
 
 
-def test_to_empty_alone_gives_empty_statistics(poison_empty):
-    model = _meta_model().to_empty(device="cpu")  # every value poisoned: NaN floats, -1 ints
+def _materialised(monkeypatch):
+    model = _meta_model()
+    assert all(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    poison_empty_like(monkeypatch)
+    return model.to_empty(device="cpu")  # every value poisoned: NaN floats, -1 ints
+
+
+def test_to_empty_alone_gives_empty_statistics(monkeypatch):
+    model = _materialised(monkeypatch)
     for block in (m for m in model.modules() if isinstance(m, FusedResLoRALinear)):
         assert int(block.statistics.norm_count) == 0 and int(block.statistics.norm_nonfinite) == 0
         assert torch.equal(block.statistics.norm_sq_window, torch.zeros_like(block.statistics.norm_sq_window))
-        assert block.lora_A.isnan().all()  # parameters are still for reset_parameters to set
+        # The adapter is initialised as the constructor does (no reset_parameters() call needed).
+        assert torch.isfinite(block.lora_A).all() and block.lora_A.any() and not block.lora_B.any()
 
 
-def test_meta_init_materialise_train_merge(poison_empty):
-    model = _meta_model().to_empty(device="cpu")
+def test_meta_init_materialise_train_merge(monkeypatch):
+    model = _materialised(monkeypatch)
     with torch.no_grad():
         for block in (m for m in model.modules() if isinstance(m, FusedResLoRALinear)):
             block.statistics.norm_count.fill_(123456)  # garbage a reset must clear too

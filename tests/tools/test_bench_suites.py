@@ -104,3 +104,70 @@ def test_every_compiled_case_runs_compiled():
     finally:
         torch._dynamo.reset()
         config.recompile_limit, config.fail_on_recompile_limit_hit = saved
+
+
+# ---------------------------------------------------------------------------- the default CPU sweep stays small
+PLAN = r"""
+import json, sys
+sys.path.insert(0, "benchmarks")
+import bench_lib, test_e2e, test_layer, test_merge, test_overhead
+
+variants = bench_lib.layer_variants("cpu")
+layer_flop = sum(  # every variant: forward+backward (6MKN) and forward (2MKN), per round
+    (test_layer.ROUNDS + test_layer.WARMUP + 2) * len(variants) * 8 * M * K * N for M, K, N, _ in test_layer.SHAPES
+)
+h, inter, layers = (test_e2e.SIZES[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers"))
+kv = test_e2e.SIZES["num_key_value_heads"] * h // test_e2e.SIZES["num_attention_heads"]
+params = layers * (h * (2 * h + 2 * kv) + 3 * h * inter) + h * test_e2e.SIZES["vocab_size"]
+e2e_flop = (test_e2e.ROUNDS + 4) * len(test_e2e.VARIANTS) * 6 * test_e2e.SEQ * test_e2e.BATCH * params
+merge_flop = (test_merge.ROUNDS + 2) * 3 * 2 * test_merge.N * test_merge.K * (test_merge.RANK + 1)
+print(json.dumps({
+    "full": bench_lib.FULL,
+    "gflop": (layer_flop + e2e_flop + merge_flop) / 1e9,
+    "overhead_calls": (test_overhead.ROUNDS + 2) * test_overhead.CALLS,
+    "layer_shapes": len(test_layer.SHAPES),
+    "layer_kinds": sorted({(K < N) for _, K, N, _ in test_layer.SHAPES}),
+    "layer_variants": variants,
+    "e2e_variants": test_e2e.VARIANTS,
+}))
+"""
+
+
+def suite_plan(**env):
+    """What the CPU suites would run under ``env`` (their module settings, read in a fresh process)."""
+    import json
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RESLORA_BENCH_")}
+    proc = subprocess.run(
+        [sys.executable, "-c", PLAN], capture_output=True, text=True, cwd=ROOT, env={**clean, **env}
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the reduced sweep is the CPU default")
+def test_default_cpu_sweep_is_small_and_keeps_every_kind_of_row():
+    """``pytest benchmarks/`` on CPU must stay within two minutes on a loaded two-core machine. The
+    default sweep's arithmetic (every timed, warm-up and memory call of the layer, e2e and merge
+    suites) stays under 300 GFLOP: at ~275 GFLOP the whole run took 67 s (55 s in pytest) on the
+    two-core development machine at load average 5-6, where the full sweep (~4600 GFLOP) took
+    15 min. The host-overhead suite stays under 200 calls per variant. The full sweep
+    (``RESLORA_BENCH_FULL=1``) is over ten times more; both run the same variants, modes and kinds
+    of layer shape, so the results file has the same kinds of rows."""
+    default, full = suite_plan(), suite_plan(RESLORA_BENCH_FULL="1")
+    assert not default["full"] and full["full"]
+    assert default["gflop"] < 300, default["gflop"]
+    assert default["overhead_calls"] <= 200, default["overhead_calls"]
+    assert full["gflop"] > 10 * default["gflop"]
+    for key in ("layer_shapes", "layer_kinds", "layer_variants", "e2e_variants"):
+        assert default[key] == full[key], key
+    assert default["layer_kinds"] == [False, True]  # a narrowing and a widening projection
+
+
+def test_bench_flag_refuses_what_it_cannot_read(monkeypatch):
+    monkeypatch.setenv("RESLORA_BENCH_FULL", "maybe")
+    with pytest.raises(ValueError, match="RESLORA_BENCH_FULL='maybe': expected 1/true/yes/on or 0/false/no/off"):
+        bench_lib.env_flag("RESLORA_BENCH_FULL")
+    for value, expected in [("1", True), ("TRUE", True), ("on", True), ("0", False), ("", False), ("no", False)]:
+        monkeypatch.setenv("RESLORA_BENCH_FULL", value)
+        assert bench_lib.env_flag("RESLORA_BENCH_FULL") is expected
