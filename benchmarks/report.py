@@ -273,6 +273,21 @@ def tables(data: dict) -> str:
                 f"{_fmt(row['tokens_per_s'], 0)} | {_fmt(ratio, 2)} | {_fmt(saved and saved / 2**20, 1)} | "
                 f"{_fmt(row.get('peak_mb'), 0)} | {_fmt(row.get('cpu_median_ms'), 1)} |"
             )
+    for group, qlora in _groups(rows, "qlora").items():
+        peft = _find(qlora, variant="peft_qlora")
+        lines += [
+            "",
+            f"**QLoRA, {group}** (4-bit base; saved = bytes kept for backward by one forward; peak = the "
+            "step's extra memory)",
+            "",
+        ]
+        lines += ["| variant | ms | x PEFT QLoRA | saved KiB | peak MB |", "|---|---|---|---|---|"]
+        for row in qlora:
+            ratio = row["median_ms"] / peft["median_ms"] if peft else None
+            lines.append(
+                f"| {row['variant']} | {_spread(row, digits=1)} | {_fmt(ratio, 2)} | {_kib(row.get('saved_bytes'))} | "
+                f"{_fmt(row.get('peak_mb'), 1)} |"
+            )
     ratios = data.get("ratios") or compute_ratios(rows, env["device"])
     if ratios:
         lines += [

@@ -206,14 +206,19 @@ def apply_reslora(model: nn.Module, config: ResLoRAConfig) -> nn.Module:
     return model
 
 
-def restore_modules(model: nn.Module, tx: ModelTransaction) -> nn.Module | None:
+def restore_modules(
+    model: nn.Module, tx: ModelTransaction, instead: dict[int, nn.Module] | None = None
+) -> nn.Module | None:
     """Put every block's base layer and every module to save's trained copy back in its place
     through ``tx``, and remove what ResLoRA attached to ``model`` (its config, the pass hooks).
-    Returns what takes the place of ``model`` itself when it is a single block, else ``None``."""
+    ``instead`` maps ``id(block)`` to the module to put back in place of its base layer (a merged
+    quantized block's ``nn.Linear``). Returns what takes the place of ``model`` itself when it is a
+    single block, else ``None``."""
+    instead = instead or {}
     replacements: dict[int, nn.Module] = {}
     for mod in model.modules():
         if isinstance(mod, FusedResLoRALinear):
-            replacements[id(mod)] = mod.base_layer
+            replacements[id(mod)] = instead.get(id(mod), mod.base_layer)
         elif isinstance(mod, ModuleToSave):
             replacements[id(mod)] = mod.trained_module
     root = replacements.get(id(model))

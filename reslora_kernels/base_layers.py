@@ -6,10 +6,9 @@ and computes ``x W^T + b`` itself beside the LoRA branch. Every kind of base is 
 (:func:`base_kind`): ``nn.Linear`` (weight ``[out, in]``), transformers' ``Conv1D`` (GPT-2, weight
 ``[in, out]``: read as its transposed view, nothing copied), and the quantized bitsandbytes
 ``Linear4bit`` and ``Linear8bitLt``, whose weight is read by dequantizing it into a reusable buffer
-(``reslora_kernels.quant``). A ResLoRA layer composes the float kinds; the quantized kinds are known
-and readable, and refused as a layer's base with their description (:func:`base_problem`) until the
-layer dequantizes per call.
-Only torch and ``quant`` are imported (transformers and bitsandbytes are looked up, never imported).
+(``reslora_kernels.quant``, per call by the layer: ``reslora_kernels.quantized``).
+:func:`adapter_dtype` is the dtype a block's ``lora_A`` / ``lora_B`` get over each kind. Only torch
+and ``quant`` are imported (transformers and bitsandbytes are looked up, never imported).
 """
 
 from __future__ import annotations
@@ -64,6 +63,35 @@ def base_weight(base: nn.Module, *, out: torch.Tensor | None = None) -> torch.Te
     return base.weight.t() if is_conv1d(base) else base.weight
 
 
+def base_dtype(base: nn.Module) -> torch.dtype:
+    """The floating dtype of the base's weight: the Parameter's, or for a quantized base the dtype
+    it computes in (``Linear4bit.compute_dtype``, else the dtype it was quantized from, the bias's,
+    or float32)."""
+    if not is_quantized(base):
+        return base.weight.dtype
+    info = describe(base)
+    if info.compute_dtype is not None:
+        return info.compute_dtype
+    if info.quant_dtype is not None:
+        return info.quant_dtype
+    bias = getattr(base, "bias", None)
+    return bias.dtype if bias is not None and bias.is_floating_point() else torch.float32
+
+
+#: Base dtypes whose adapters are kept in float32 by default (PEFT's ``autocast_adapter_dtype``).
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def adapter_dtype(base: nn.Module, autocast_adapter_dtype: bool = True) -> torch.dtype:
+    """The dtype of a block's ``lora_A`` / ``lora_B`` over ``base``: float32 over a 16-bit or a
+    quantized base when ``autocast_adapter_dtype`` (the default: bf16 optimizer steps round small
+    updates of small weights away), else the base's dtype (:func:`base_dtype`)."""
+    dtype = base_dtype(base)
+    if autocast_adapter_dtype and (dtype in LOW_PRECISION or is_quantized(base)):
+        return torch.float32
+    return dtype
+
+
 def base_features(base: nn.Module) -> tuple[int, int]:
     """``(in, out)`` of a linear base layer."""
     if is_conv1d(base):
@@ -73,16 +101,12 @@ def base_features(base: nn.Module) -> tuple[int, int]:
 
 def base_problem(base: object) -> str | None:
     """Why ``base`` cannot be a block's base layer (``None``: it can): the float kinds above, with a
-    floating-point weight Parameter. A quantized base is named with what it stores (or why it
-    cannot be read): the layer does not dequantize per call yet."""
+    floating-point weight Parameter, or a quantized base whose weight can be read."""
     if is_quantized(base):
         problem = quantized_problem(base)
         if problem is not None:
             return f"a {type(base).__name__} that cannot be read: {problem}"
-        return (
-            f"a {type(base).__name__} ({describe(base)}): quantized bases are read by reslora_kernels.quant "
-            "but not composed by a ResLoRA layer"
-        )
+        return None
     if not is_linear(base):
         return f"a {type(base).__name__}, not an nn.Linear or a transformers Conv1D"
     weight = base.weight

@@ -71,6 +71,10 @@ class BlockSettings:
             of them). Ignored by ``none`` and ``is``.
         norm_window: how many recent training forwards the input-norm statistics average over
             (``is``/``ms``; read by the ``input_norm`` merge).
+        autocast_adapter_dtype: keep ``lora_A`` / ``lora_B`` in float32 over a float16, bfloat16
+            or quantized base (the default, as PEFT does: bf16 optimizer steps round small updates
+            away); they are cast to the compute dtype per call, differentiably. ``False`` keeps
+            them in the base's dtype.
         use_rslora: scale the LoRA branch by ``alpha / sqrt(rank)`` (rank-stabilised LoRA,
             Kalajdzievski 2023; PEFT's ``use_rslora``) instead of ``alpha / rank``. ``rank`` is the
             rank of one block's adapter in every mode, also in ``bs``, whose blocks sum the adapters
@@ -85,6 +89,7 @@ class BlockSettings:
     dropout: float = 0.0
     pre_num: int = 1
     norm_window: int = 100
+    autocast_adapter_dtype: bool = True
     use_rslora: bool = False
 
     def __post_init__(self) -> None:
@@ -116,6 +121,8 @@ class BlockSettings:
         object.__setattr__(self, "norm_window", window)
         if not isinstance(self.use_rslora, bool):
             raise TypeError(f"use_rslora must be a bool, got {type(self.use_rslora).__name__}")
+        if not isinstance(self.autocast_adapter_dtype, bool):
+            raise TypeError(f"autocast_adapter_dtype must be a bool, got {self.autocast_adapter_dtype!r}")
         object.__setattr__(self, "dropout", float(dropout))
         if alpha == 0:
             warnings.warn(
@@ -166,8 +173,8 @@ ChainKey = Union[str, Callable[[str], Any]]
 class ResLoRAConfig(BlockSettings):
     """How :func:`reslora_kernels.apply_reslora` puts ResLoRA into a model: the
     :class:`BlockSettings` of every block (``mode``, ``rank``, ``alpha``, ``dropout``, ``pre_num``,
-    ``norm_window``, ``use_rslora``, with their defaults), which modules become blocks and how they chain,
-    and which modules train in full beside them.
+    ``norm_window``, ``autocast_adapter_dtype``, ``use_rslora``, with their defaults), which modules
+    become blocks and how they chain, and which modules train in full beside them.
 
     Args:
         target_modules: which linear layers (``nn.Linear``, transformers' ``Conv1D``) to replace.

@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 
 from .apply import check_wrapping, execute_plan, plan_reslora
+from .base_layers import base_dtype, base_features
 from .targets import matched_targets, module_names
-from .base_layers import base_features
 from .config import ResLoRAConfig
 from .layer import FusedResLoRALinear
 from .merge_methods import chains_of
@@ -358,7 +358,7 @@ def load_reslora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # the config warned about its settings
                 layer = FusedResLoRALinear(
-                    *base_features(base), bias=False, device="meta", dtype=base.weight.dtype, settings=config
+                    *base_features(base), bias=False, device="meta", dtype=base_dtype(base), settings=config
                 )
             if _block_record(record["name"], layer) != record:
                 raise ValueError(

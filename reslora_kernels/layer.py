@@ -5,14 +5,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import OrderedDict
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
-from . import backend, functional, reference
-from .base_layers import base_features, base_problem, is_conv1d, reset_base_parameters
+from . import backend, functional, quantized, reference
+from .base_layers import adapter_dtype, base_dtype, base_features, base_problem, is_conv1d, is_quantized
+from .base_layers import reset_base_parameters
 from .chain import ResLoRAChain
 from .config import BlockSettings
 from .passes import recomputing
@@ -29,12 +31,18 @@ class FusedResLoRALinear(nn.Module):
     the shortcut terms come from the block's predecessors in its :class:`ResLoRAChain` (see
     docs/design.md section 2). A block that is not linked behaves as the first block of a chain.
 
-    The base layer is a submodule, ``base_layer`` (as in PEFT): an ``nn.Linear``, or transformers'
-    ``Conv1D`` (GPT-2), whose ``[in, out]`` weight is read as its transposed ``[out, in]`` view. Its
-    forward runs only while the adapter is disabled (:func:`reslora_kernels.disable_adapter`);
-    otherwise the block reads its weight and bias and computes everything in one op.
-    ``weight`` (always ``[out, in]``) and ``bias`` read the base's; ``lora_A`` ``[rank, in]``
-    (kaiming-uniform) and ``lora_B`` ``[out, rank]`` (zeros) are trained, in the weight's dtype.
+    The base layer is a submodule, ``base_layer`` (as in PEFT): an ``nn.Linear``, transformers'
+    ``Conv1D`` (GPT-2), whose ``[in, out]`` weight is read as its transposed ``[out, in]`` view, or
+    a quantized bitsandbytes ``Linear4bit`` / ``Linear8bitLt``, whose weight is dequantized on every
+    call into a workspace shared by the blocks of its shape, and again in backward (nothing
+    full-precision of it is saved; ``reslora_kernels.quantized``). Its forward runs only while the
+    adapter is disabled (:func:`reslora_kernels.disable_adapter`); otherwise the block reads its
+    weight and bias and computes everything in one op. ``weight`` (always ``[out, in]``; a quantized
+    base's dequantized, a new tensor) and ``bias`` read the base's; ``lora_A`` ``[rank, in]``
+    (kaiming-uniform) and ``lora_B`` ``[out, rank]`` (zeros) are trained, in float32 over a 16-bit or
+    quantized base (``autocast_adapter_dtype``, cast to the compute dtype per call), else in the
+    weight's dtype. A quantized base computes in its compute dtype (``Linear4bit.compute_dtype``,
+    else the input's) and returns the input's dtype, as bitsandbytes' forward does.
     ``is``/``ms`` blocks own their merge statistics (``statistics``, a :class:`NormStatistics`).
     Inputs must match the weight's dtype and device (or autocast); any number of leading
     dimensions is accepted.
@@ -67,7 +75,8 @@ class FusedResLoRALinear(nn.Module):
     def from_linear(
         cls, base: nn.Module, settings: BlockSettings | None = None, **setting_values
     ) -> "FusedResLoRALinear":
-        """Compose ``base`` (an ``nn.Linear`` or a transformers ``Conv1D``) with a ResLoRA block:
+        """Compose ``base`` (an ``nn.Linear``, a transformers ``Conv1D``, or a quantized bitsandbytes
+        ``Linear4bit`` / ``Linear8bitLt``) with a ResLoRA block:
         ``base`` becomes the block's ``base_layer`` (its Parameters are frozen, not copied), and
         :func:`reslora_kernels.merge_and_unload` gives ``base`` itself back, folded."""
         if isinstance(base, FusedResLoRALinear):
@@ -86,12 +95,14 @@ class FusedResLoRALinear(nn.Module):
         self.in_features, self.out_features = base_features(base)
         #: Whether the base stores its weight ``[in, out]`` (transformers' ``Conv1D``).
         self.fan_in_fan_out = is_conv1d(base)
+        #: Whether the base is a quantized bitsandbytes layer (its weight is dequantized per call).
+        self.quantized = is_quantized(base)
         for param in (base.weight, base.bias):
             if param is not None:
                 param.requires_grad_(False)
         self.base_layer = base
         weight = base.weight
-        factory = {"device": weight.device, "dtype": weight.dtype}
+        factory = {"device": weight.device, "dtype": adapter_dtype(base, settings.autocast_adapter_dtype)}
         self.lora_A = nn.Parameter(torch.empty((settings.rank, self.in_features), **factory))
         self.lora_B = nn.Parameter(torch.empty((self.out_features, settings.rank), **factory))
         stats = NormStatistics(settings.norm_window, device=weight.device) if settings.keeps_norm_statistics else None
@@ -105,8 +116,11 @@ class FusedResLoRALinear(nn.Module):
     # ------------------------------------------------------------------ the base layer and the settings
     @property
     def weight(self) -> torch.Tensor:
-        """The base weight as ``[out, in]``: the base's Parameter, or its transposed view for a
-        ``Conv1D``."""
+        """The base weight as ``[out, in]``: the base's Parameter, its transposed view for a
+        ``Conv1D``, or a quantized base's weight dequantized into a new tensor of its dtype
+        (:func:`reslora_kernels.base_layers.base_dtype`)."""
+        if self.quantized:
+            return quantized.dequantize(self.base_layer, base_dtype(self.base_layer))
         weight = self.base_layer.weight
         return weight.t() if self.fan_in_fan_out else weight
 
@@ -193,18 +207,32 @@ class FusedResLoRALinear(nn.Module):
             return self.base_layer(x)
         # Attribute lookups on an nn.Module cost microseconds each: read everything once.
         settings, base, lora_A, lora_B, chain = self.settings, self.base_layer, self.lora_A, self.lora_B, self._chain
-        weight, bias, mode = base.weight, base.bias, settings.mode
-        if self.fan_in_fan_out:
-            weight = weight.t()
+        bias, mode, quantized_base = base.bias, settings.mode, self.quantized
         # Under autocast the block computes in the autocast dtype, as nn.Linear would; the adapter
         # keeps its own dtype (the casts are differentiable, gradients arrive in it).
         dtype = functional.autocast_dtype(x)
+        autocast = dtype is not None
+        if quantized_base:
+            if not x.is_floating_point():
+                raise TypeError(f"{self._where()}: input must be a floating-point tensor, got {x.dtype}")
+            dtype = dtype or quantized.compute_dtype(base, x)
+            # The fused path reads the weight the dequantization kernel wrote (CUDA: always).
+            resolved = backend.resolve_backend(x)
+            kernel = True if resolved == "fused" else None
+            weight = quantized.dequantized_weight(base, dtype, kernel=kernel)
+        else:
+            weight = base.weight
+            if self.fan_in_fan_out:
+                weight = weight.t()
+            if dtype is None and lora_A.dtype != weight.dtype and x.dtype == weight.dtype:
+                dtype = weight.dtype  # float32 adapters over a 16-bit base: cast per call
         # Fail on a bad input, or a backend that cannot run it, before the chain's pass state is touched.
         try:
             functional.check_inputs(x, weight, bias, lora_A, lora_B, compute_dtype=dtype)
         except (TypeError, ValueError) as err:
             raise type(err)(f"{self._where()}: {err}") from None
-        resolved = backend.resolve_backend(x)
+        if not quantized_base:
+            resolved = backend.resolve_backend(x)
         # A block recomputed in backward (gradient checkpointing) records nothing a second time.
         recomputed = recomputing()
         hooks = self._shortcut_hooks and not recomputed
@@ -227,30 +255,35 @@ class FusedResLoRALinear(nn.Module):
         elif hooks:
             for hook in tuple(self._shortcut_hooks.values()):
                 hook(self, x, None, None)
+        input_dtype = x.dtype
         if dtype is not None:
             x, weight, bias, lora_A, lora_B, x_prev, z_prev = functional.cast_to(
                 dtype, x, weight, bias, lora_A, lora_B, x_prev, z_prev
             )
         training = self.training
         record = training and self.statistics is not None and not recomputed
-        y, z, x_sqnorm = functional.call(
-            resolved,
-            x,
-            weight,
-            bias,
-            lora_A,
-            lora_B,
-            settings.scaling,
-            x_prev=x_prev,
-            z_prev=z_prev,
-            dropout_p=settings.dropout if training else 0.0,
-            compute_x_sqnorm=record and mode == "is",
-            autocast=dtype is not None,
-        )
+        saves = quantized.weight_not_saved(base, weight, kernel=kernel) if quantized_base else nullcontext()
+        with saves:
+            y, z, x_sqnorm = functional.call(
+                resolved,
+                x,
+                weight,
+                bias,
+                lora_A,
+                lora_B,
+                settings.scaling,
+                x_prev=x_prev,
+                z_prev=z_prev,
+                dropout_p=settings.dropout if training else 0.0,
+                compute_x_sqnorm=record and mode == "is",
+                autocast=autocast,
+            )
         if mode != "none":
             chain.after_forward(self, x, z, y)
         if record:
             self.statistics.record(x_sqnorm if mode == "is" else reference.squared_norm(z))
+        if quantized_base and y.dtype != input_dtype and not autocast:
+            y = y.to(input_dtype)  # bitsandbytes' forward returns the input's dtype
         return y
 
     def _where(self) -> str:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
+from .base_layers import base_dtype
 from .model_utils import run_batch
 
 if TYPE_CHECKING:
@@ -27,7 +28,9 @@ class LstsqStatistics:
     is the block's shortcut term in rank space (``A_n x_{n-1}`` for is, ``sum_k z_{n-k}`` for ms)."""
 
     def __init__(self, block: "FusedResLoRALinear") -> None:
-        factory = {"device": block.weight.device, "dtype": torch.promote_types(block.weight.dtype, torch.float32)}
+        # lora_A sits with the base weight; base_dtype reads a quantized base's without dequantizing it.
+        dtype = torch.promote_types(base_dtype(block.base_layer), torch.float32)
+        factory = {"device": block.lora_A.device, "dtype": dtype}
         self.gram = torch.zeros((block.in_features, block.in_features), **factory)
         self.cross = torch.zeros((block.rank, block.in_features), **factory)
         self.tokens = 0

@@ -140,8 +140,8 @@ def chain_merge_terms(
         terms = []
         for n, block in enumerate(blocks):
             span = [blocks[j] for j in chain.span(n)] if chain.mode == "bs" else [block]
-            lora_B = torch.cat([b.lora_B.detach().to(block.weight.device) for b in span], dim=1)
-            lora_A = torch.cat([b.lora_A.detach().to(block.weight.device) for b in span], dim=0)
+            lora_B = torch.cat([b.lora_B.detach().to(block.lora_B.device) for b in span], dim=1)
+            lora_A = torch.cat([b.lora_A.detach().to(block.lora_A.device) for b in span], dim=0)
             terms.append(MergeTerm(block.scaling, lora_B, lora_A))
         return terms
     coefficients = input_norm_coefficients(chain) if method == "input_norm" else weight_norm_coefficients(chain)

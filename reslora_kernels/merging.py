@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections import defaultdict
 
 import torch
@@ -13,7 +14,10 @@ import torch.nn as nn
 
 from . import fold
 from .apply import restore_modules
+from .base_layers import base_dtype
 from .layer import FusedResLoRALinear
+from .quant import dequantize
+from .quant_merge import merged_linear, requantized_module
 from .merge_methods import METHOD_MODES, MergeTerm, chains_of, merge_terms
 from .model_utils import (
     MERGED_ADAPTERS_ATTR,
@@ -56,7 +60,13 @@ def _check_untied(model: nn.Module, blocks: list[tuple[str, FusedResLoRALinear]]
 @torch.no_grad()
 def folded_weight(block: FusedResLoRALinear, term: MergeTerm) -> torch.Tensor:
     """A new tensor holding ``block``'s base weight Parameter with ``term`` folded in (the product
-    accumulated in float32 on the fastest fold for the device); the block is not changed."""
+    accumulated in float32 on the fastest fold for the device); the block is not changed. A
+    quantized base's weight is dequantized to float32, folded, and rounded once to its compute
+    dtype (:func:`reslora_kernels.base_layers.base_dtype`)."""
+    if block.quantized:
+        weight = dequantize(block.base_layer, torch.float32)
+        fold.fold_lora_(weight, term.lora_B, term.lora_A, term.coef)
+        return weight.to(base_dtype(block.base_layer))
     weight = block.base_layer.weight.detach().clone()
     if block.fan_in_fan_out:
         # The Parameter is stored [in, out] (Conv1D): fold the transposed update, W^T += c A^T B^T.
@@ -77,7 +87,13 @@ def _nonfinite_cause(block: FusedResLoRALinear, term: MergeTerm) -> str:
 
 @torch.no_grad()
 def merge_and_unload(
-    model: nn.Module, method: str = "auto", *, calibration=None, ridge: float = 1e-3, safe_merge: bool = True
+    model: nn.Module,
+    method: str = "auto",
+    *,
+    calibration=None,
+    ridge: float = 1e-3,
+    safe_merge: bool = True,
+    requantize: bool = False,
 ) -> nn.Module:
     """Fold every ResLoRA block into its base weight and put the original linear modules back.
 
@@ -91,6 +107,13 @@ def merge_and_unload(
         safe_merge: check that every merged weight is finite and raise, naming the block and the
             cause, if one is not (the default). ``False`` merges whatever comes out (PEFT's name;
             PEFT's default is ``False``, ours is the check).
+        requantize: for blocks over a quantized base (bitsandbytes ``Linear4bit`` /
+            ``Linear8bitLt``): ``False`` (the default) puts back an ``nn.Linear`` of the base's
+            compute dtype holding the dequantized weight plus the merge term (folded in float32,
+            rounded once) and the base's bias; ``True`` quantizes the merged weight again with the
+            base's format, block size and double quantization, and warns with the share of the
+            merge terms the rounding lost (merging into 4 bits rounds away most of a typical
+            adapter).
 
     ``lstsq`` runs one streaming pass over ``calibration`` (eval mode, no grad) and accumulates
     per block the float32 sums ``sum x x^T`` ``[in, in]`` and ``sum S x^T`` ``[r, in]`` on the
@@ -131,17 +154,37 @@ def merge_and_unload(
                 "Nothing was changed; pass safe_merge=False to merge anyway"
             )
         merged.append((block, weight))
+    instead: dict[int, nn.Module] = {}
+    lost: dict[str, float] = {}
+    for block, weight in merged:
+        if not block.quantized:
+            continue
+        if requantize:
+            instead[id(block)], lost[names[id(block)]] = requantized_module(block.base_layer, weight)
+        else:
+            instead[id(block)] = merged_linear(block.base_layer, weight)
     # Remembered on the merged model, so that loading the same adapter onto it again (which would
     # add it a second time) is refused by load_reslora.
     fingerprint = adapter_fingerprint({name: (layer.lora_A, layer.lora_B) for name, layer in blocks})
     with ModelTransaction(model) as tx:
         for block, weight in merged:
-            tx.set_data(block.base_layer.weight, weight)
-        root = restore_modules(model, tx)
+            if not block.quantized:
+                tx.set_data(block.base_layer.weight, weight)
+        root = restore_modules(model, tx, instead)
         merged_into = model if root is None else root
         tx.setattr(merged_into, MERGED_ADAPTERS_ATTR, (*getattr(merged_into, MERGED_ADAPTERS_ATTR, ()), fingerprint))
     for chain in chains_of(blocks):
         chain.reset()
+    if lost:
+        worst = max(lost, key=lost.get)
+        warnings.warn(
+            f"merge_and_unload(requantize=True): quantizing the merged weights again lost "
+            f"{100 * sum(lost.values()) / len(lost):.1f}% of the merge terms on average (relative Frobenius norm; "
+            f"most: {100 * lost[worst]:.1f}% at {worst or 'the layer'}); "
+            "requantize=False keeps them in a 16-bit nn.Linear",
+            UserWarning,
+            stacklevel=2,
+        )
     return model if root is None else root
 
 
@@ -233,6 +276,10 @@ class _MergedPreview(nn.Module):
         self.block, self.term = block, term
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.block.quantized:  # what the merged nn.Linear holds: folded in float32, rounded once
+            weight = folded_weight(self.block, self.term)
+            bias = None if self.block.bias is None else self.block.bias.to(weight.dtype)
+            return torch.nn.functional.linear(x, weight, bias)
         weight = fold.fold_lora_(
             self.block.weight.detach().clone(), self.term.lora_B, self.term.lora_A, self.term.coef
         )

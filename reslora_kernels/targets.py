@@ -13,6 +13,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from .base_layers import is_conv1d, is_linear
+from .quant import quantized_kind, quantized_problem
 from .chaining import chain_key
 from .config import ALL_LINEAR, ResLoRAConfig
 from .layer import FusedResLoRALinear
@@ -130,7 +131,16 @@ def base_layer_problem(name: str, module: nn.Module) -> str | None:
             f"{name} is parametrized (torch.nn.utils.parametrize, e.g. weight_norm): its weight is computed "
             "on every forward. Remove the parametrization (parametrize.remove_parametrizations) first"
         )
+    quantized = quantized_kind(module)
+    if quantized:
+        problem = quantized_problem(module)
+        if problem is not None:
+            return f"{name} is a {type(module).__name__} that cannot be read: {problem}"
     base_forward = sys.modules["transformers.pytorch_utils"].Conv1D.forward if conv else nn.Linear.forward
+    # A quantized base's forward is bitsandbytes' matmul of the weight it stores, which the block
+    # computes from the dequantized weight; any other forward of its own would be lost.
+    if quantized:
+        base_forward = getattr(sys.modules["bitsandbytes.nn.modules"], quantized).forward
     if type(module).forward is not base_forward or "forward" in vars(module):
         return f"{name} ({type(module).__name__}) has a forward of its own, which a ResLoRA layer would not run"
     hooks = [
@@ -140,7 +150,7 @@ def base_layer_problem(name: str, module: nn.Module) -> str | None:
     ]
     if hooks:
         return f"{name} has module hooks ({', '.join(hooks)}), which the ResLoRA layer replacing it would not run"
-    if not isinstance(module.weight, nn.Parameter) or not module.weight.is_floating_point():
+    if not quantized and (not isinstance(module.weight, nn.Parameter) or not module.weight.is_floating_point()):
         weight = module.weight
         return f"{name}.weight is a {type(weight).__name__} of {weight.dtype}, not a floating-point Parameter"
     return None

@@ -155,9 +155,11 @@ class ToyStack(nn.Module):
         device="cpu",
         norm_window=100,
         checkpoint=None,
+        autocast_adapter_dtype=False,
     ):
         """``checkpoint``: None, or ``"non-reentrant"`` / ``"reentrant"`` to recompute each block
-        (with its tanh) in backward through ``torch.utils.checkpoint``."""
+        (with its tanh) in backward through ``torch.utils.checkpoint``. The adapters are in ``dtype``
+        (``autocast_adapter_dtype=False``): the backends are checked at each dtype."""
         super().__init__()
         self.checkpoint = checkpoint
         self.blocks = nn.ModuleList(
@@ -173,6 +175,7 @@ class ToyStack(nn.Module):
                 mode=mode,
                 pre_num=pre_num,
                 norm_window=norm_window,
+                autocast_adapter_dtype=autocast_adapter_dtype,
             )
             for _ in range(length)
         )

@@ -61,16 +61,19 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
     assert after["attrs"] == before["attrs"] and after["config"] is before["config"]
 
 
-def trained(mode="is", **kwargs):
+def trained(mode="is", autocast_adapter_dtype=True, **kwargs):
     torch.manual_seed(0)
-    model = apply_reslora(Net(**kwargs), ResLoRAConfig(mode=mode, rank=2, target_modules=["proj", "out"]))
+    config = ResLoRAConfig(
+        mode=mode, rank=2, target_modules=["proj", "out"], autocast_adapter_dtype=autocast_adapter_dtype
+    )
+    model = apply_reslora(Net(**kwargs), config)
     with torch.no_grad():
         for block in model.modules():
             if isinstance(block, FusedResLoRALinear):
                 block.lora_B.normal_(0.0, 0.3)
     model.train()
     for _ in range(2):
-        model(torch.randn(4, 6, dtype=next(model.parameters()).dtype))
+        model(torch.randn(4, 6, dtype=model.layers[0]["proj"].weight.dtype))
     return model
 
 
@@ -252,15 +255,21 @@ def test_load_failing_half_way_is_rolled_back(tmp_path, monkeypatch, fresh):
 
 
 def test_lossless_dtype_widening_loads(tmp_path):
-    model = trained(dtype=torch.bfloat16)
+    model = trained(dtype=torch.bfloat16, autocast_adapter_dtype=False)  # bfloat16 adapters
+    assert model.layers[1]["out"].lora_B.dtype == torch.bfloat16
     save_reslora(model, tmp_path)
     wide = Net(dtype=torch.float32)
     load_reslora(wide, tmp_path)
     assert torch.equal(wide.layers[1]["out"].lora_B, model.layers[1]["out"].lora_B.float())
-    narrow = Net(dtype=torch.float32)
-    save_reslora(apply_reslora(narrow, ResLoRAConfig(mode="is", rank=2, target_modules=["proj", "out"])), tmp_path)
+    # float32 adapters load into a bfloat16 model whose adapters are float32 (the default) ...
+    save_reslora(trained(dtype=torch.float32), tmp_path)
+    kept = load_reslora(Net(dtype=torch.bfloat16), tmp_path)
+    assert kept.layers[1]["out"].lora_B.dtype == torch.float32
+    # ... and not into bfloat16 adapters.
+    config = ResLoRAConfig(mode="is", rank=2, target_modules=["proj", "out"], autocast_adapter_dtype=False)
+    narrow = apply_reslora(Net(dtype=torch.bfloat16), config)
     with pytest.raises(ValueError, match=r"is torch.float32 but the model's is torch.bfloat16, which cannot hold it"):
-        load_reslora(Net(dtype=torch.bfloat16), tmp_path)
+        load_reslora(narrow, tmp_path)
 
 
 def test_save_refuses_non_finite_adapters_and_writes_nothing(tmp_path):

@@ -2,7 +2,7 @@
 ``Linear8bitLt`` read through ``reslora_kernels.quant`` and known to ``base_layers``: what each stores,
 its weight dequantized into a reusable buffer (bitsandbytes' own values; within the quantization
 error of the original weight where bitsandbytes' CPU library misreads the layout), the refusals
-with their reasons, and bitsandbytes never imported unless such a module exists.
+of what cannot be read, with their reasons, and bitsandbytes never imported unless such a module exists.
 
 bitsandbytes is the test extra (CI installs it: there a missing bitsandbytes fails, elsewhere its
 tests skip).
@@ -299,18 +299,22 @@ def test_base_layers_know_the_quantized_kinds(bnb):
         base_layers.reset_base_parameters(four)
 
 
-def test_quantized_bases_are_named_and_still_refused_as_a_layers_base(bnb):
-    """The layer does not dequantize per call yet: composing a quantized base is refused with what
-    it stores, and apply_reslora still refuses it as before."""
+def test_readable_quantized_bases_are_composed_and_unreadable_ones_refused_with_the_reason(bnb):
     four, _ = linear4bit(bnb, 16, 64)
-    problem = base_layers.base_problem(four)
-    assert problem.startswith("a Linear4bit (NF4, blocks of 64, absmax double-quantized")
-    with pytest.raises(TypeError, match="NF4, blocks of 64"):
-        FusedResLoRALinear.from_linear(four)
-    model = nn.Sequential(four)
-    with pytest.raises(ValueError, match="has a forward of its own"):
+    assert base_layers.base_problem(four) is None
+    assert FusedResLoRALinear.from_linear(four).base_layer is four
+    fp16_weights = bnb.nn.Linear8bitLt(64, 16, has_fp16_weights=True).to("cpu")
+    model = nn.Sequential(fp16_weights)
+    with pytest.raises(ValueError, match=r"0 is a Linear8bitLt that cannot be read: it keeps a trainable float weight"):
         apply_reslora(model, ResLoRAConfig(target_modules=["0"]))
-    assert model[0] is four
+    assert model[0] is fp16_weights
+    with pytest.raises(TypeError, match="a Linear8bitLt that cannot be read: it keeps a trainable float weight"):
+        FusedResLoRALinear.from_linear(fp16_weights)
+    # A forward of its own beyond bitsandbytes' is still lost by a block, so still refused.
+    subclass = type("Custom4bit", (bnb.nn.Linear4bit,), {"forward": lambda self, x: 2 * super().forward(x)})
+    custom, _ = linear4bit(bnb, 16, 64, cls=subclass)
+    with pytest.raises(ValueError, match=r"0 \(Custom4bit\) has a forward of its own"):
+        apply_reslora(nn.Sequential(custom), ResLoRAConfig(target_modules=["0"]))
 
 
 def test_bitsandbytes_is_never_imported_without_a_quantized_module():
