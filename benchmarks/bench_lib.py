@@ -478,3 +478,26 @@ def layer_case(
 
         return make(forward, leaves, alive)
     raise ValueError(f"unknown variant {variant!r}")
+
+
+class TrainingStep:
+    """One optimizer step of one variant of a causal LM (labels = inputs): ``prepare`` (untimed) sets
+    the backend; ``loss`` is the forward alone (for the bytes saved for backward)."""
+
+    def __init__(self, model, backend, ids):
+        self.model, self.backend, self.ids = model, backend, ids
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+        self.alive = list(model.parameters()) + list(model.buffers())
+
+    def prepare(self):
+        reslora_kernels.set_backend(self.backend)
+
+    def loss(self):
+        return self.model(input_ids=self.ids, labels=self.ids).loss
+
+    def step(self):
+        self.loss().backward()
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)

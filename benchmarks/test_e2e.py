@@ -23,6 +23,7 @@ from bench_lib import (
     IS_CUDA,
     MODES,
     Interleaved,
+    TrainingStep,
     peak_bytes,
     peft,
     run_rounds,
@@ -30,7 +31,7 @@ from bench_lib import (
     selected_variants,
 )
 
-from reslora_kernels import ResLoRAConfig, apply_reslora, set_backend
+from reslora_kernels import ResLoRAConfig, apply_reslora
 
 transformers = pytest.importorskip("transformers")
 
@@ -95,28 +96,6 @@ def build(base, variant, mode, dropout):
     return model.train()
 
 
-class Step:
-    """One optimizer step of one variant: ``prepare`` (untimed) sets the backend."""
-
-    def __init__(self, model, backend, ids):
-        self.model, self.backend, self.ids = model, backend, ids
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
-        self.alive = list(model.parameters()) + list(model.buffers())
-
-    def prepare(self):
-        set_backend(self.backend)
-
-    def loss(self):
-        return self.model(input_ids=self.ids, labels=self.ids).loss
-
-    def step(self):
-        self.loss().backward()
-        if self.optimizer is not None:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-
-
 def test_training_step(benchmark, results, base_model):
     if peft is None:
         pytest.skip("peft is not installed")
@@ -124,7 +103,7 @@ def test_training_step(benchmark, results, base_model):
     steps = {}
     for variant, mode, dropout in VARIANTS:
         torch.manual_seed(0)
-        steps[(variant, mode, dropout)] = Step(
+        steps[(variant, mode, dropout)] = TrainingStep(
             build(base_model, variant, mode, dropout), BACKEND_OF.get(variant, "auto"), ids
         )
     runner = Interleaved(steps)

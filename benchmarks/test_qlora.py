@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from bench_lib import DEVICE, IS_CUDA, Interleaved, peak_bytes, peft, run_rounds, saved_bytes
+from bench_lib import DEVICE, IS_CUDA, Interleaved, TrainingStep, peak_bytes, peft, run_rounds, saved_bytes
 
 from reslora_kernels import FusedResLoRALinear, ResLoRAConfig, apply_reslora, set_backend
 
@@ -108,25 +108,6 @@ def test_qlora_layer(benchmark, results):
         )  # fmt: skip
 
 
-class TrainStep:
-    def __init__(self, model, backend, ids):
-        self.model, self.backend, self.ids = model, backend, ids
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=1e-4)
-        self.alive = list(model.parameters()) + list(model.buffers())
-
-    def prepare(self):
-        set_backend(self.backend)
-
-    def loss(self):
-        return self.model(input_ids=self.ids, labels=self.ids).loss
-
-    def step(self):
-        self.loss().backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-
 @pytest.fixture(scope="module")
 def checkpoint():
     config = transformers.LlamaConfig(**SIZES, max_position_embeddings=SEQ)
@@ -155,12 +136,12 @@ def test_qlora_training_step(benchmark, results, checkpoint):
     steps = {}
     torch.manual_seed(0)
     config = peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS, lora_dropout=0.0)
-    steps["peft_qlora"] = TrainStep(peft.get_peft_model(load_4bit(checkpoint), config), OURS, ids)
+    steps["peft_qlora"] = TrainingStep(peft.get_peft_model(load_4bit(checkpoint), config), OURS, ids)
     for mode in ("none", "is"):
         model = apply_reslora(
             load_4bit(checkpoint), ResLoRAConfig(mode=mode, rank=RANK, alpha=2 * RANK, target_modules=TARGETS)
         )
-        steps[f"reslora {mode}"] = TrainStep(model, OURS, ids)
+        steps[f"reslora {mode}"] = TrainingStep(model, OURS, ids)
     for step in steps.values():
         step.model.train()
     runner = Interleaved(steps)
